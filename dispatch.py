@@ -695,13 +695,14 @@ class Session(socketserver.BaseRequestHandler):
         """
         buffer = self.buffer
         limit = self.config.max_size
-        if buffer[:3] == b".\r\n":
-            del buffer[:3]
-            return b""
         scan = 0
         while True:
-            end = buffer.find(b"\r\n.\r\n", scan)
-            if end >= 0:
+            # The CRLF that ended the DATA line counts: ".\r\n" first is an empty message.
+            if limit >= 0 and buffer.startswith(b".\r\n"):
+                end = -2
+            else:
+                end = buffer.find(b"\r\n.\r\n", scan)
+            if end != -1:
                 break
             if len(buffer) > limit + limit // 16 + 4096:
                 # Over the limit even with generous dot-stuffing: keep only
@@ -710,7 +711,8 @@ class Session(socketserver.BaseRequestHandler):
                 limit = -1
             scan = max(0, len(buffer) - 4)
             self.fill()
-        raw = bytes(buffer[:end + 2])
+        with memoryview(buffer) as view:
+            raw = bytes(view[:end + 2])
         del buffer[:end + 5]
         if limit < 0:
             return None

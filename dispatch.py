@@ -361,8 +361,7 @@ class Session(socketserver.BaseRequestHandler):
         self.buffer = bytearray()
         self.chunk = bytearray(RECV_SIZE)
         self.pending: list[bytes] = []
-        self.lock = threading.Lock()   # guards in_data against the drain
-        self.in_data = False
+        self.in_data = False           # guarded by relay.sessions_lock
         self.tls_on = self.server.implicit_tls
         self.greeted: Optional[str] = None
         self.authenticated = False
@@ -669,22 +668,25 @@ class Session(socketserver.BaseRequestHandler):
         if not self.recipients:
             self.reply(R_BAD_SEQUENCE.format("need RCPT command"))
             return
-        with self.lock:
+        # A drain waits while in_data is set: until the message is queued.
+        with self.relay.sessions_lock:
             if self.relay.draining:
                 raise SessionClosed("shutting down")
             self.in_data = True
         try:
             self.reply(R_DATA)
             data = self.read_data()
+            if data is None:
+                self.relay.metrics.refused("size")
+                self.reply(R_TOO_BIG)
+            else:
+                self.reply(self.relay.accept(Message(
+                    next_queue_id(), self.sender, self.recipients, data,
+                    self.smtputf8, self.body_8bit, self.peer)))
         finally:
-            self.in_data = False
-        if data is None:
-            self.relay.metrics.refused("size")
-            self.reply(R_TOO_BIG)
-        else:
-            self.reply(self.relay.accept(Message(
-                next_queue_id(), self.sender, self.recipients, data,
-                self.smtputf8, self.body_8bit, self.peer)))
+            with self.relay.sessions_lock:
+                self.in_data = False
+                self.relay.sessions_lock.notify_all()
         self.reset_transaction()
 
     def read_data(self) -> Optional[bytes]:
@@ -1689,15 +1691,12 @@ class Relay:
             listener.server_close()
         with self.sessions_lock:
             self.draining = True
-            sessions = list(self.sessions)
-        for session in sessions:
-            with session.lock:
+            for session in self.sessions:
                 if not session.in_data:
                     try:  # wakes a session waiting for a command; it answers 421
                         socket.socket.shutdown(session.sock, socket.SHUT_RD)
                     except OSError:
                         pass
-        with self.sessions_lock:
             self.sessions_lock.wait_for(
                 lambda: not any(s.in_data for s in self.sessions),
                 timeout=max(0.0, deadline - time.monotonic()))

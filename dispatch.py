@@ -1670,7 +1670,8 @@ class Relay:
             self.metrics_server = MetricsServer(self, (config.metrics_bind, config.metrics_port))
         for server in self.listeners + [self.metrics_server]:
             if server is not None:
-                threading.Thread(target=server.serve_forever, name="listener",
+                # A short poll interval makes a drain's listener.shutdown() prompt.
+                threading.Thread(target=server.serve_forever, args=(0.1,), name="listener",
                                  daemon=True).start()
         self.flusher.start()
         tls = "STARTTLS" if self.tls_context else "no TLS"

@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import math
 import os
 import queue as queue_module
 import re
@@ -82,7 +83,7 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = int,
     except ValueError:
         noun = "a whole number" if kind is int else "a number"
         raise ConfigError(f"{name}: {raw!r} is not {noun}") from None
-    if value != value or value < minimum or (maximum is not None and value > maximum):
+    if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
         bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
         raise ConfigError(f"{name}: {raw!r} is out of range ({bounds})")
     return value
@@ -818,7 +819,11 @@ class Spool:
         self.tmp = os.path.join(directory, "tmp")
         self.failed = os.path.join(directory, "failed")
         for path in (self.tmp, self.failed):
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"DISPATCH_SPOOL: cannot create {path}: {exc.strerror}") \
+                    from None
 
     def write(self, message: Message) -> None:
         """Write (or rewrite) the message's file and make it durable."""
@@ -1305,31 +1310,24 @@ class Flusher(threading.Thread):
         return max(0.1, min(60.0, self.deadline - time.monotonic()))
 
     def flush(self, everything: bool = False) -> bool:
-        """One batch; False when it failed as a whole (nothing could be sent)."""
+        """One batch; False when messages were left deferred as a whole."""
         started = time.time()
         batch = self.expire(self.queue.due(started, everything))
         if not batch:
             return True
         tried: set[int] = set()
         fruitless = 0
-        first = True
         while batch:
             upstream = Upstream(self.config, self.tls_context, self.timeout())
             try:
                 upstream.connect()
             except BatchFailed as exc:
                 self.defer_all(batch, str(exc))
-                if first:
-                    self.metrics.flush_done(started, ok=False)
-                    return False
                 break
-            first = False
-            progress = []
             reported: set[int] = set()
 
             def report(outcome: Outcome) -> None:
                 reported.add(id(outcome.message))
-                progress.append(outcome)
                 self.settle(outcome)
 
             try:
@@ -1341,7 +1339,7 @@ class Flusher(threading.Thread):
                              if id(m) not in tried]
             except ConnectionLost as exc:
                 batch = [m for m in batch if id(m) not in reported]
-                fruitless = 0 if progress else fruitless + 1
+                fruitless = 0 if reported else fruitless + 1
                 if fruitless >= self.MAX_FRUITLESS_RECONNECTS or (
                         self.deadline is not None and time.monotonic() >= self.deadline):
                     self.defer_all(batch, f"upstream connection lost: {exc}")
@@ -1350,8 +1348,9 @@ class Flusher(threading.Thread):
                          upstream.name, exc, len(batch))
             finally:
                 upstream.close()
-        self.metrics.flush_done(started, ok=True)
-        return True
+        ok = not batch   # what is left was deferred as a whole, to back off
+        self.metrics.flush_done(started, ok)
+        return ok
 
     def expire(self, batch: list[Message]) -> list[Message]:
         """Give up messages older than DISPATCH_MAX_AGE; return the others."""

@@ -239,10 +239,35 @@ class Config:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # The drain wakes a session by shutting its socket's read side; OpenSSL 3
+        # takes that EOF as fatal, and the 421 could no longer be sent inside TLS.
+        # SMTP ends its own data (CRLF.CRLF), so an EOF never completes a message.
+        context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+        # OpenSSL's own errors ("PEM lib") name neither file: say which one is wrong.
+        for name, path, marker, what in (
+                ("RELAY_TLS_CERT", self.tls_cert, b"-----BEGIN CERTIFICATE-----", "certificate"),
+                ("RELAY_TLS_KEY", self.tls_key, b"PRIVATE KEY-----", "private key")):
+            try:
+                with open(path, "rb") as handle:
+                    if marker not in handle.read():
+                        raise ConfigError(f"{name}: {path} holds no PEM {what}")
+            except OSError as exc:
+                raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+        def no_passphrase() -> bytes:
+            # Without a callback OpenSSL prompts on the terminal and waits there.
+            raise ConfigError(f"RELAY_TLS_KEY: {self.tls_key} is encrypted; "
+                              "give Dispatch the key without a passphrase")
+
         try:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
+            context.load_cert_chain(self.tls_cert, self.tls_key, password=no_passphrase)
         except (ssl.SSLError, OSError) as exc:
+            if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+                raise ConfigError(f"RELAY_TLS_KEY: {self.tls_key} does not match the "
+                                  f"certificate in {self.tls_cert}") from None
             reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+            # "[SSL] PEM lib (_ssl.c:3905)": keep what means something to an operator.
+            reason = re.sub(r"^\[\w+\] | \(_ssl\.c:\d+\)$", "", reason)
             raise ConfigError(f"RELAY_TLS_CERT: cannot load {self.tls_cert} with key "
                               f"{self.tls_key}: {reason}") from None
         return context
@@ -368,6 +393,17 @@ class Session(socketserver.BaseRequestHandler):
         self.authenticated = False
         self.auth_failures = 0
         self.reset_transaction()
+
+    def finish(self) -> None:
+        # socketserver closes the socket it accepted; after a TLS handshake the
+        # session talks through a wrapper that owns the connection instead.
+        if self.sock is not self.request:
+            try:   # send TLS close_notify (RFC 8446 6.1), without waiting for the client's
+                self.sock.setblocking(False)
+                self.sock.unwrap()
+            except (OSError, ValueError):
+                pass
+            self.sock.close()
 
     def reset_transaction(self) -> None:
         self.sender: Optional[str] = None
@@ -524,6 +560,10 @@ class Session(socketserver.BaseRequestHandler):
         try:
             self.sock = self.relay.tls_context.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError) as exc:
+            # Logged at INFO: a client whose TLS is too old or that distrusts the
+            # certificate cannot send mail, and this line is the only trace of it.
+            log.info("TLS handshake failed: client=%s, %s", self.peer,
+                     getattr(exc, "reason", None) or exc)
             raise SessionClosed(f"TLS handshake failed: {exc}") from None
         self.tls_on = True
 
@@ -866,8 +906,10 @@ class Spool:
                 continue
             try:
                 message = self._read(path, name[:-4])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("spool: skipping %s, left in place: %s", path, exc)
+            except Exception as exc:  # any file we cannot read (a RecursionError from
+                # "DISPATCH 1 [[[[...", say) is skipped: one bad file must not stop start-up
+                log.error("spool: skipping %s, left in place: %s: %s", path,
+                          type(exc).__name__, exc)
                 continue
             messages.append(message)
         for name in os.listdir(self.tmp):
@@ -1043,6 +1085,7 @@ class Upstream:
         self.smtp: Optional[smtplib.SMTP] = None
         self.name = f"{config.upstream_host}:{config.upstream_port}"
         self.transaction_open = False
+        self.current: Optional[Outcome] = None   # MAIL accepted, outcome not yet reported
 
     # -- setting up the connection ----------------------------------------
 
@@ -1122,10 +1165,18 @@ class Upstream:
         With PIPELINING (RFC 2920) each round trip carries the previous
         message's data and the next message's MAIL, RCPTs and DATA, and every
         reply is still read in order.  Raises ConnectionLost when the upstream
-        drops or says 421: a message not reported was not accepted.
+        drops or says 421: a message not reported was not accepted (one lost in
+        the middle of its own transaction is reported, with a 421).
         """
         pipelining = self.smtp.has_extn("pipelining")
         in_flight: Optional[tuple[Outcome, bytes]] = None
+        self.current = None
+        given = report
+
+        def report(outcome: Outcome) -> None:
+            self.current = None   # reported: a later loss is no longer its own
+            given(outcome)
+
         try:
             for message in messages:
                 outcome = Outcome(message)
@@ -1149,8 +1200,20 @@ class Upstream:
             if in_flight:
                 self.smtp.send(in_flight[1])
                 self._finish(*in_flight, report)
-        except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            raise ConnectionLost(str(exc) or type(exc).__name__) from None
+        except (ConnectionLost, smtplib.SMTPServerDisconnected, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+            lost = self.current
+            if lost is not None:
+                # Lost inside a message's own transaction (its MAIL accepted, its
+                # data not): maybe its fault (its size, its content), so it waits
+                # for its own retry instead of going first again on every
+                # reconnect and stalling the rest of the batch.
+                lost.answer([r for r in lost.message.recipients if r not in lost.answers],
+                            421, f"421 connection lost during the message: {reason}")
+                report(lost)
+            if isinstance(exc, ConnectionLost):
+                raise
+            raise ConnectionLost(reason) from None
 
     def _envelope(self, message: Message) -> list[bytes]:
         """RSET if needed, MAIL, one RCPT per recipient, DATA."""
@@ -1190,6 +1253,8 @@ class Upstream:
             ask(commands.pop(0))
             self.transaction_open = False
         mail_code, mail_text = ask(commands[0])
+        if mail_code == 250:
+            self.current = outcome   # from here a lost connection is this message's
         accepted = []
         if mail_code == 250 or pipelined:
             self.transaction_open = mail_code == 250
@@ -1315,7 +1380,9 @@ class Flusher(threading.Thread):
         batch = self.expire(self.queue.due(started, everything))
         if not batch:
             return True
-        tried: set[int] = set()
+        # Queue IDs, not id(): a sent message is freed and a new arrival can get
+        # its id(), then be skipped and sent after mail that came later.
+        tried: set[str] = set()
         fruitless = 0
         while batch:
             upstream = Upstream(self.config, self.tls_context, self.timeout())
@@ -1324,21 +1391,21 @@ class Flusher(threading.Thread):
             except BatchFailed as exc:
                 self.defer_all(batch, str(exc))
                 break
-            reported: set[int] = set()
+            reported: set[str] = set()
 
             def report(outcome: Outcome) -> None:
-                reported.add(id(outcome.message))
+                reported.add(outcome.message.id)
                 self.settle(outcome)
 
             try:
                 # Mail that arrives while the batch is being sent joins it.
                 while batch:
-                    tried.update(id(m) for m in batch)
+                    tried.update(m.id for m in batch)
                     upstream.send(batch, report)
                     batch = [m for m in self.queue.due(time.time(), everything)
-                             if id(m) not in tried]
+                             if m.id not in tried]
             except ConnectionLost as exc:
-                batch = [m for m in batch if id(m) not in reported]
+                batch = [m for m in batch if m.id not in reported]
                 fruitless = 0 if reported else fruitless + 1
                 if fruitless >= self.MAX_FRUITLESS_RECONNECTS or (
                         self.deadline is not None and time.monotonic() >= self.deadline):
@@ -1373,7 +1440,7 @@ class Flusher(threading.Thread):
             log.warning("%s: to=%s, relay=%s:%d, status=deferred (%s)", message.id,
                         recipients_text(message.recipients), self.config.upstream_host,
                         self.config.upstream_port, reason)
-        self.metrics.count("deferred", len(batch))
+        self.metrics.batch_deferred(len(batch), reason)
 
     def settle(self, outcome: Outcome) -> None:
         """Log each recipient's answer; requeue the 4xx ones, finish the rest."""
@@ -1426,18 +1493,28 @@ class Metrics:
         "auth_failures": "Failed AUTH commands from clients.",
         "flush_failures": "Flushes that failed as a whole.",
     }
+    # Exported at 0 from the start: a series that appears with its first
+    # refusal hides that refusal from rate() and increase().
+    REFUSALS = ("auth", "auth_required", "size", "queue_full", "recipients", "connections",
+                "spool_error")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counters = dict.fromkeys(self.COUNTERS, 0)
-        self.refusals: dict[str, int] = {}
+        self.refusals: dict[str, int] = dict.fromkeys(self.REFUSALS, 0)
         self.failed_flushes_in_a_row = 0
         self.last_flush = 0.0
         self.last_flush_duration = 0.0
+        self.batch_error = ""   # why the last batch was deferred as a whole
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.counters[name] += n
+
+    def batch_deferred(self, n: int, reason: str) -> None:
+        with self.lock:
+            self.counters["deferred"] += n
+            self.batch_error = " ".join(reason.split())   # /healthz says it on one line
 
     def refused(self, reason: str) -> None:
         with self.lock:
@@ -1460,8 +1537,8 @@ class Metrics:
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
             out.append(f"# HELP dispatch_{name} {help_text}")
             out.append(f"# TYPE dispatch_{name} {kind}")
-            out.extend(f"dispatch_{name}{labels} {value:g}" if isinstance(value, float)
-                       else f"dispatch_{name}{labels} {value}" for labels, value in samples)
+            # repr: every digit of a float; "{:g}" would round a Unix time to 6 digits.
+            out.extend(f"dispatch_{name}{labels} {value!r}" for labels, value in samples)
 
         with self.lock:
             counters = dict(self.counters)
@@ -1470,7 +1547,8 @@ class Metrics:
         for name in ("accepted", "sent", "deferred", "failed"):
             metric(f"messages_{name}_total", "counter", self.COUNTERS[name], [("", counters[name])])
         metric("messages_refused_total", "counter", "Messages or commands refused at the listener.",
-               [(f'{{reason="{reason}"}}', n) for reason, n in sorted(refusals.items())])
+               [(f'{{reason="{label_value(reason)}"}}', n)
+                for reason, n in sorted(refusals.items())])
         metric("auth_failures_total", "counter", self.COUNTERS["auth_failures"],
                [("", counters["auth_failures"])])
         metric("flush_failures_total", "counter", self.COUNTERS["flush_failures"],
@@ -1493,10 +1571,15 @@ class Metrics:
         if relay.draining:
             return "shutting down: the listener is closed"
         with self.lock:
-            failures = self.failed_flushes_in_a_row
+            failures, reason = self.failed_flushes_in_a_row, self.batch_error
         if failures >= 3:
-            return f"the last {failures} flushes to the upstream failed"
+            return f"the last {failures} flushes to the upstream failed: {reason}"
         return None
+
+
+def label_value(text: str) -> str:
+    """A label value escaped for the Prometheus text format: \\ " and line feed."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class MetricsHandler(http.server.BaseHTTPRequestHandler):
@@ -1681,6 +1764,9 @@ class Relay:
         if not self.tls_context:
             log.warning("no RELAY_TLS_CERT: client passwords travel unencrypted; "
                         "use this only on a trusted network")
+        elif not config.require_tls:
+            log.warning("RELAY_REQUIRE_TLS=0: clients may send their password before "
+                        "STARTTLS, unencrypted")
 
     def drain(self) -> None:
         """SIGTERM: stop listening, finish DATA in progress, flush once more."""

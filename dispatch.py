@@ -1337,7 +1337,8 @@ class Flusher(threading.Thread):
             self.queue.arrived.notify_all()
 
     def run(self) -> None:
-        next_flush = time.monotonic() + self.config.interval
+        # Mail restored from the spool goes out at once, not an interval later.
+        next_flush = time.monotonic() + (0 if len(self.queue) else self.config.interval)
         while True:
             with self.queue.lock:
                 while not self.stopping:
@@ -1377,7 +1378,10 @@ class Flusher(threading.Thread):
     def flush(self, everything: bool = False) -> bool:
         """One batch; False when messages were left deferred as a whole."""
         started = time.time()
-        batch = self.expire(self.queue.due(started, everything))
+        # Expiry looks at every message, not only the due ones, so a message
+        # waiting out a long retry delay is still given up on time.
+        batch = [m for m in self.expire(self.queue.due(started, everything=True))
+                 if everything or m.next_try <= started]
         if not batch:
             return True
         # Queue IDs, not id(): a sent message is freed and a new arrival can get
@@ -1770,7 +1774,10 @@ class Relay:
 
     def drain(self) -> None:
         """SIGTERM: stop listening, finish DATA in progress, flush once more."""
-        deadline = time.monotonic() + self.config.drain_timeout
+        start = time.monotonic()
+        deadline = start + self.config.drain_timeout
+        # A client stuck in DATA may use half the drain, never the last flush's share.
+        data_deadline = start + self.config.drain_timeout / 2
         log.info("shutting down: draining for up to %gs", self.config.drain_timeout)
         for listener in self.listeners:
             listener.shutdown()
@@ -1785,7 +1792,7 @@ class Relay:
                         pass
             self.sessions_lock.wait_for(
                 lambda: not any(s.in_data for s in self.sessions),
-                timeout=max(0.0, deadline - time.monotonic()))
+                timeout=max(0.0, data_deadline - time.monotonic()))
         self.flusher.stop(deadline)
         self.flusher.join(max(0.0, deadline - time.monotonic()))
         left = len(self.queue)

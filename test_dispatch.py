@@ -1174,7 +1174,7 @@ def test_kill_9_loses_no_acknowledged_message_and_the_restart_sends_them_in_arri
     assert len(spooled(spool)) == 30 and upstream.received == []
     first.signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
-    second = run_relay(dict(env, DISPATCH_INTERVAL="0"))      # same port, same spool
+    second = run_relay(env)             # same port, same spool; restored mail goes out at once
     upstream.wait_received(30)
     wait_for(lambda: spooled(spool) == [], what="the spool to empty")
     print(f"\nkill -9 (quiet): {len(sent)} acknowledged before kill -9, "
@@ -1337,6 +1337,21 @@ def test_a_message_older_than_max_age_is_given_up_and_logged_as_expired(
     assert len(relay.queue) == 0 and spooled(spool) == []
     [failed] = list((spool / "failed").iterdir())
     assert token_of(failed.read_bytes()) == "old"
+
+
+def test_a_message_waiting_out_a_long_retry_delay_still_expires_on_time(make_relay, upstream,
+                                                                         caplog):
+    relay = make_relay(DISPATCH_INTERVAL=3600, DISPATCH_MAX_AGE=1)
+    upstream.handler.data_replies.append("451 4.3.0 Try again later")
+    with client(relay) as smtp:
+        queue_id = submit(smtp, "slow")
+    relay.flusher.flush()
+    [message] = relay.queue.messages
+    assert message.next_try > message.arrived + 3000          # its next try is an hour away
+    wait_for(lambda: time.time() - message.arrived > 1, 3, "the message to pass its max age")
+    relay.flusher.flush()
+    assert len(relay.queue) == 0 and upstream.received == []
+    assert f"{queue_id}: to=<bob@example.com>, status=expired" in log_text(caplog)
 
 
 # ===========================================================================
@@ -1627,6 +1642,24 @@ def test_sigterm_exits_0_within_the_drain_timeout_even_with_a_client_stuck_in_da
     assert time.monotonic() - started < 2
     assert stuck.reply()[0] in (None, 421)          # never a 250: the message is not ours
     assert upstream.received == []
+
+
+def test_a_client_stuck_in_data_leaves_the_last_flush_its_share_of_the_drain(upstream,
+                                                                              run_relay):
+    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
+                                  DISPATCH_DRAIN_TIMEOUT=2))
+    with client(process) as smtp:
+        submit(smtp, "queued-before-the-stop")
+    stuck = Raw(process.port)
+    stuck.login()
+    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    stuck.expect(354, b"DATA\r\n")
+    stuck.send(b"Subject: never finished\r\n\r\n")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert tokens(upstream) == ["queued-before-the-stop"]
+    assert "lost" not in process.log()
 
 
 # ===========================================================================

@@ -1059,6 +1059,7 @@ def reply_text(code: int, text: bytes) -> str:
 
 
 LEADING_DOT = re.compile(rb"(?m)^\.")
+RSET = b"RSET\r\n"
 
 
 class Outcome:
@@ -1169,13 +1170,12 @@ class Upstream:
         the middle of its own transaction is reported, with a 421).
         """
         pipelining = self.smtp.has_extn("pipelining")
-        in_flight: Optional[tuple[Outcome, bytes]] = None
-        self.current = None
-        given = report
+        in_flight: Optional[tuple[Outcome, list[bytes]]] = None   # DATA got 354
 
-        def report(outcome: Outcome) -> None:
-            self.current = None   # reported: a later loss is no longer its own
-            given(outcome)
+        def done(outcome: Outcome) -> None:
+            if self.current is outcome:
+                self.current = None
+            report(outcome)
 
         try:
             for message in messages:
@@ -1183,40 +1183,36 @@ class Upstream:
                 if message.smtputf8 and not self.smtp.has_extn("smtputf8"):
                     outcome.answer(message.recipients, 550,
                                    "550 5.6.7 upstream does not support SMTPUTF8")
-                    report(outcome)
+                    done(outcome)
                     continue
                 commands = self._envelope(message)
                 if pipelining:
-                    self.smtp.send((in_flight[1] if in_flight else b"") + b"".join(commands))
-                    if in_flight:
-                        self._finish(*in_flight, report)
-                else:
-                    if in_flight:
-                        self.smtp.send(in_flight[1])
-                        self._finish(*in_flight, report)
+                    self.smtp.send(b"".join((in_flight[1] if in_flight else []) + commands))
+                elif in_flight:
+                    self.smtp.send(b"".join(in_flight[1]))
+                if in_flight:
+                    done(self._finish(in_flight[0]))
                 in_flight = self._start(outcome, commands, pipelining)
                 if in_flight is None:
-                    report(outcome)
+                    done(outcome)
             if in_flight:
-                self.smtp.send(in_flight[1])
-                self._finish(*in_flight, report)
-        except (ConnectionLost, smtplib.SMTPServerDisconnected, OSError) as exc:
+                self.smtp.send(b"".join(in_flight[1]))
+                done(self._finish(in_flight[0]))
+        except (ConnectionLost, smtplib.SMTPException, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             lost = self.current
             if lost is not None:
-                # Lost inside a message's own transaction (its MAIL accepted, its
-                # data not): maybe its fault (its size, its content), so it waits
-                # for its own retry instead of going first again on every
-                # reconnect and stalling the rest of the batch.
+                # Lost inside a message's own transaction (its MAIL accepted, no
+                # final answer yet): maybe its fault (its size, its content), so
+                # it waits for its own retry instead of going first again on
+                # every reconnect and stalling the rest of the batch.
                 lost.answer([r for r in lost.message.recipients if r not in lost.answers],
                             421, f"421 connection lost during the message: {reason}")
-                report(lost)
-            if isinstance(exc, ConnectionLost):
-                raise
+                done(lost)
             raise ConnectionLost(reason) from None
 
     def _envelope(self, message: Message) -> list[bytes]:
-        """RSET if needed, MAIL, one RCPT per recipient, DATA."""
+        """RSET when a refused transaction is still open, MAIL, RCPTs, DATA."""
         sender = self.config.upstream_from or message.sender
         mail = f"MAIL FROM:<{sender}>"
         if self.smtp.has_extn("size"):
@@ -1225,7 +1221,7 @@ class Upstream:
             mail += " BODY=8BITMIME"
         if message.smtputf8:
             mail += " SMTPUTF8"
-        commands = [b"RSET\r\n"] if self.transaction_open else []
+        commands = [RSET] if self.transaction_open else []
         commands.append(mail.encode("utf-8") + b"\r\n")
         commands.extend(f"RCPT TO:<{r}>\r\n".encode("utf-8") for r in message.recipients)
         commands.append(b"DATA\r\n")
@@ -1238,8 +1234,8 @@ class Upstream:
         return code, reply_text(code, text)
 
     def _start(self, outcome: Outcome, commands: list[bytes],
-               pipelined: bool) -> Optional[tuple[Outcome, bytes]]:
-        """Read the envelope's replies; (outcome, payload) when DATA got 354.
+               pipelined: bool) -> Optional[tuple[Outcome, list[bytes]]]:
+        """Read the envelope's replies; (outcome, data to send) when DATA got 354.
 
         Unpipelined, each command is sent when the previous reply allows it.
         """
@@ -1249,15 +1245,15 @@ class Upstream:
             return self._read()
 
         message = outcome.message
-        if self.transaction_open:
+        if commands[0] == RSET:
             ask(commands.pop(0))
             self.transaction_open = False
         mail_code, mail_text = ask(commands[0])
+        accepted = []
         if mail_code == 250:
             self.current = outcome   # from here a lost connection is this message's
-        accepted = []
+            self.transaction_open = True
         if mail_code == 250 or pipelined:
-            self.transaction_open = mail_code == 250
             for recipient, command in zip(message.recipients, commands[1:-1]):
                 code, text = ask(command)
                 if mail_code != 250:
@@ -1282,30 +1278,22 @@ class Upstream:
             outcome.answer(accepted, code, text)
         return None
 
-    def _payload(self, message: Message) -> bytes:
+    def _payload(self, message: Message) -> list[bytes]:
+        """The message as it goes on the wire, dot-stuffed, ended by CRLF.CRLF."""
         data = message.data
         if self.config.upstream_replyto:
             data = add_reply_to(data, self.config.upstream_replyto)
-        if b"\n." in data or data[:1] == b".":
+        if b"\n." in data or data.startswith(b"."):
             data = LEADING_DOT.sub(b"..", data)
-        if data and not data.endswith(b"\r\n"):
-            data += b"\r\n"
-        return data + b".\r\n"
+        ending = b".\r\n" if not data or data.endswith(b"\r\n") else b"\r\n.\r\n"
+        return [data, ending]
 
-    def _finish(self, outcome: Outcome, payload: bytes,
-                report: Callable[[Outcome], None]) -> None:
+    def _finish(self, outcome: Outcome) -> Outcome:
         """Read the end-of-data reply of a message whose data was sent."""
-        accepted = [r for r in outcome.message.recipients if r not in outcome.answers]
-        try:
-            code, text = self._read()
-        except (ConnectionLost, smtplib.SMTPServerDisconnected, OSError) as exc:
-            # Dropped while this message was in flight: it may be the
-            # message's fault, so it waits for its own retry.
-            outcome.answer(accepted, 421, f"connection lost after data: {exc}")
-            report(outcome)
-            raise
-        outcome.answer(accepted, code, text)
-        report(outcome)
+        code, text = self._read()
+        outcome.answer([r for r in outcome.message.recipients if r not in outcome.answers],
+                       code, text)
+        return outcome
 
 
 class Flusher(threading.Thread):

@@ -1339,15 +1339,11 @@ class Flusher(threading.Thread):
                 ok = self.flush(everything=stopping)
             except Exception:  # the timer thread must survive any bug in one flush
                 log.exception("flush failed unexpectedly")
-                ok = False
+                ok = self.flush_done(time.time(), ok=False)
             if stopping:
                 return
-            if ok:
-                self.failed_flushes = 0
-                next_flush = time.monotonic() + self.config.interval
-            else:
-                self.failed_flushes += 1
-                next_flush = time.monotonic() + self.retry_delay(self.failed_flushes)
+            next_flush = time.monotonic() + (
+                self.config.interval if ok else self.retry_delay(self.failed_flushes))
 
     def seconds_to_wait(self, next_flush: float) -> Optional[float]:
         """How long until the next flush (None: until mail arrives); queue lock held."""
@@ -1371,10 +1367,19 @@ class Flusher(threading.Thread):
         batch = [m for m in self.expire(self.queue.due(started, everything=True))
                  if everything or m.next_try <= started]
         if not batch:
-            return True
+            return self.flush_done(started, ok=True)
         # Queue IDs, not id(): a sent message is freed and a new arrival can get
         # its id(), then be skipped and sent after mail that came later.
         tried: set[str] = set()
+        reported: set[str] = set()
+        answered: list[str] = []     # messages with a final answer (2xx or 5xx)
+
+        def report(outcome: Outcome) -> None:
+            reported.add(outcome.message.id)
+            if any(code < 400 or code >= 500 for code, _ in outcome.answers.values()):
+                answered.append(outcome.message.id)
+            self.settle(outcome)
+
         fruitless = 0
         while batch:
             upstream = Upstream(self.config, self.tls_context, self.timeout())
@@ -1383,12 +1388,7 @@ class Flusher(threading.Thread):
             except BatchFailed as exc:
                 self.defer_all(batch, str(exc))
                 break
-            reported: set[str] = set()
-
-            def report(outcome: Outcome) -> None:
-                reported.add(outcome.message.id)
-                self.settle(outcome)
-
+            answered_before = len(answered)
             try:
                 # Mail that arrives while the batch is being sent joins it.
                 while batch:
@@ -1398,7 +1398,9 @@ class Flusher(threading.Thread):
                              if m.id not in tried]
             except ConnectionLost as exc:
                 batch = [m for m in batch if m.id not in reported]
-                fruitless = 0 if reported else fruitless + 1
+                # Only a final answer is progress: an upstream that drops every
+                # connection inside a message gets a bounded number of tries.
+                fruitless = 0 if len(answered) > answered_before else fruitless + 1
                 if fruitless >= self.MAX_FRUITLESS_RECONNECTS or (
                         self.deadline is not None and time.monotonic() >= self.deadline):
                     self.defer_all(batch, f"upstream connection lost: {exc}")
@@ -1407,7 +1409,11 @@ class Flusher(threading.Thread):
                          upstream.name, exc, len(batch))
             finally:
                 upstream.close()
-        ok = not batch   # what is left was deferred as a whole, to back off
+        return self.flush_done(started, ok=not batch)   # a leftover was deferred as a whole
+
+    def flush_done(self, started: float, ok: bool) -> bool:
+        """Count a flush in a row of failures (backoff, /healthz) and in the metrics."""
+        self.failed_flushes = 0 if ok else self.failed_flushes + 1
         self.metrics.flush_done(started, ok)
         return ok
 
@@ -1494,14 +1500,13 @@ class Metrics:
         self.lock = threading.Lock()
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         self.refusals: dict[str, int] = dict.fromkeys(self.REFUSALS, 0)
-        self.failed_flushes_in_a_row = 0
         self.last_flush = 0.0
         self.last_flush_duration = 0.0
         self.batch_error = ""   # why the last batch was deferred as a whole
 
-    def count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str) -> None:
         with self.lock:
-            self.counters[name] += n
+            self.counters[name] += 1
 
     def batch_deferred(self, n: int, reason: str) -> None:
         with self.lock:
@@ -1516,10 +1521,7 @@ class Metrics:
         with self.lock:
             self.last_flush = time.time()
             self.last_flush_duration = self.last_flush - started
-            if ok:
-                self.failed_flushes_in_a_row = 0
-            else:
-                self.failed_flushes_in_a_row += 1
+            if not ok:
                 self.counters["flush_failures"] += 1
 
     def render(self, relay: "Relay") -> str:
@@ -1562,8 +1564,9 @@ class Metrics:
         """None when healthy, else the one-line reason."""
         if relay.draining:
             return "shutting down: the listener is closed"
+        failures = relay.flusher.failed_flushes
         with self.lock:
-            failures, reason = self.failed_flushes_in_a_row, self.batch_error
+            reason = self.batch_error
         if failures >= 3:
             return f"the last {failures} flushes to the upstream failed: {reason}"
         return None

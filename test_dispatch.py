@@ -2316,6 +2316,19 @@ def test_healthz_counts_only_flushes_failed_in_a_row(metrics_relay):
     assert relay_scrape(relay)["dispatch_flush_failures_total"] == 4
 
 
+def test_healthz_recovers_when_the_failing_mail_expires_and_the_queue_empties(metrics_relay):
+    relay = metrics_relay(free_port(), DISPATCH_MAX_AGE=1)       # nothing listens there
+    queue_mail(relay, *batch("doomed"))
+    for _ in range(3):
+        assert relay.flusher.flush() is False
+    assert healthz(relay)[0] == 503
+    [message] = relay.queue.messages
+    wait_for(lambda: time.time() - message.arrived > 1, 3, "the message to pass its max age")
+    assert relay.flusher.flush() is True                # expired: nothing left to fail
+    assert len(relay.queue) == 0
+    assert healthz(relay) == (200, "ok\n")
+
+
 def test_a_refusing_upstream_is_not_an_unhealthy_one(metrics_relay, upstream):
     # Per-message 5xx/4xx are the messages' business, not the relay's health.
     relay = metrics_relay()

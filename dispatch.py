@@ -118,7 +118,7 @@ def _readable_file(env: Mapping[str, str], name: str) -> Optional[str]:
     return path
 
 
-BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
+BCRYPT_HASH = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -323,6 +323,10 @@ R_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 R_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
 R_BAD_PARAMETER = "555 5.5.4 Unsupported parameter: {}"
 
+def encode_reply(text: str) -> bytes:
+    return text.encode("utf-8", "replace") + b"\r\n"
+
+
 MAX_COMMAND_LINE = 512        # RFC 5321 4.5.3.1.4, CRLF included
 MAX_AUTH_LINE = 12288 + 2     # RFC 4954 4: an AUTH line or SASL response
 MAX_AUTH_FAILURES = 3
@@ -334,10 +338,10 @@ PATH = re.compile(r"^<([^<>\s\x00-\x1f\x7f]*)>$")
 MAILBOX = re.compile(r"^[^@]+@[^@]+$")
 
 
-def parse_path(argument: str, keyword: str, allow_null: bool):
+def parse_path(argument: str, keyword: str, allow_null: bool) -> tuple[str, dict[str, str]]:
     """Parse 'FROM:<addr> PARAM=value ...'; return (address, {PARAM: value}).
 
-    Raises ValueError with the expected syntax when the argument is malformed.
+    Raises ValueError when the argument is malformed.
     """
     head, sep, rest = argument.partition(":")
     if not sep or head.strip().upper() != keyword:
@@ -412,7 +416,7 @@ class Session(socketserver.BaseRequestHandler):
         self.body_8bit = False
 
     def reply(self, text: str) -> None:
-        self.pending.append(text.encode("utf-8", "replace") + b"\r\n")
+        self.pending.append(encode_reply(text))
 
     def flush_replies(self) -> None:
         if self.pending:
@@ -599,6 +603,8 @@ class Session(socketserver.BaseRequestHandler):
                 good = self.relay.check_password(user, password)
         except _AuthCancelled:
             return self.auth_failed(R_AUTH_CANCELLED)
+        except _LineTooLong:
+            return self.auth_failed(R_LINE_TOO_LONG)
         except (ValueError, binascii.Error):
             return self.auth_failed(R_BAD_BASE64)
         if not good:
@@ -613,7 +619,7 @@ class Session(socketserver.BaseRequestHandler):
             self.reply("334 " + challenge)
             line = self.read_line(MAX_AUTH_LINE)
             if line is None:
-                raise ValueError
+                raise _LineTooLong
             initial = line.decode("ascii", "replace").strip()
         if initial == "*":
             raise _AuthCancelled
@@ -648,7 +654,7 @@ class Session(socketserver.BaseRequestHandler):
         smtputf8 = body_8bit = False
         for name, value in params.items():
             if name == "SIZE":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     self.reply(R_SYNTAX.format("SIZE=<bytes>"))
                     return
                 if int(value) > self.config.max_size:
@@ -747,9 +753,9 @@ class Session(socketserver.BaseRequestHandler):
                 end = buffer.find(b"\r\n.\r\n", scan)
             if end != -1:
                 break
-            if len(buffer) > limit + limit // 16 + 4096:
-                # Over the limit even with generous dot-stuffing: keep only
-                # enough to spot the terminator, and read on to the end.
+            if len(buffer) > limit * 4 // 3 + 4096:
+                # Over the limit even if every line were a stuffed ".": keep
+                # only enough to spot the terminator, and read on to the end.
                 del buffer[:-4]
                 limit = -1
             scan = max(0, len(buffer) - 4)
@@ -782,6 +788,10 @@ class Session(socketserver.BaseRequestHandler):
 
 class _AuthCancelled(Exception):
     """The client answered a SASL challenge with '*'."""
+
+
+class _LineTooLong(Exception):
+    """A SASL response longer than RFC 4954 allows."""
 
 
 BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -872,14 +882,22 @@ class Spool:
         header = self.MAGIC + json.dumps(message.envelope()).encode("utf-8") + b"\n"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as handle:
-                handle.write(header)
-                handle.write(message.data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, final)
-        self._sync_directory()
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as handle:
+                    handle.write(header)
+                    handle.write(message.data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, final)
+        except BaseException:
+            # A full disk must not leave a stray file that warns at every start.
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        self._sync_directory(self.directory)
         message.path = final
 
     def remove(self, message: Message) -> None:
@@ -888,13 +906,14 @@ class Spool:
                 os.unlink(message.path)
             except FileNotFoundError:
                 pass
-            self._sync_directory()
+            self._sync_directory(self.directory)
             message.path = None
 
     def move_to_failed(self, message: Message) -> None:
         if message.path:
             os.rename(message.path, os.path.join(self.failed, os.path.basename(message.path)))
-            self._sync_directory()
+            self._sync_directory(self.failed)
+            self._sync_directory(self.directory)
             message.path = None
 
     def load(self) -> list[Message]:
@@ -936,12 +955,17 @@ class Spool:
         message.path = path
         return message
 
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
+    @staticmethod
+    def _sync_directory(directory: str) -> None:
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class QueueClosed(Exception):
+    """The relay is stopping and has no spool: it can no longer own new mail."""
 
 
 class Queue:
@@ -959,6 +983,7 @@ class Queue:
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
         self.wake_on_arrival = False   # DISPATCH_INTERVAL=0: the flusher waits for mail
+        self.closed = False            # the last flush has begun
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -970,6 +995,8 @@ class Queue:
         """Take ownership of the message; False when it does not fit."""
         size = len(message.data)
         with self.lock:
+            if self.closed and not self.spool:
+                raise QueueClosed   # the last flush would never see it
             if self.bytes + size > self.max_bytes:
                 return False
             self.bytes += size   # reserved before the slow disk write
@@ -1321,6 +1348,7 @@ class Flusher(threading.Thread):
         """Ask for one last flush of everything, to end by `deadline` (monotonic)."""
         with self.queue.lock:
             self.stopping = True
+            self.queue.closed = True
             self.deadline = deadline
             self.queue.arrived.notify_all()
 
@@ -1425,8 +1453,8 @@ class Flusher(threading.Thread):
             if now - message.arrived <= self.config.max_age:
                 keep.append(message)
                 continue
-            log.warning("%s: to=%s, status=expired, given up after %d attempts in %.0f s",
-                        message.id, recipients_text(message.recipients), message.attempts,
+            log.warning("%s: to=%s, status=expired, given up after %.0f s in the queue "
+                        "(DISPATCH_MAX_AGE)", message.id, recipients_text(message.recipients),
                         now - message.arrived)
             self.metrics.count("failed")
             self.queue.remove(message, failed=True)
@@ -1494,7 +1522,7 @@ class Metrics:
     # Exported at 0 from the start: a series that appears with its first
     # refusal hides that refusal from rate() and increase().
     REFUSALS = ("auth", "auth_required", "size", "queue_full", "recipients", "connections",
-                "spool_error")
+                "spool_error", "shutdown")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -1581,6 +1609,7 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
     """GET /healthz and GET /metrics."""
 
     server_version = "dispatch/" + __version__
+    timeout = 10   # an idle scraper must not hold a thread forever
 
     def do_GET(self) -> None:
         relay: Relay = self.server.relay
@@ -1627,8 +1656,8 @@ class Listener(socketserver.ThreadingTCPServer):
         if not self.relay.open_session_slot():
             self.relay.metrics.refused("connections")
             try:
-                request.sendall((R_TOO_MANY_CONNECTIONS.format(self.relay.config.relay_host)
-                                 + "\r\n").encode())
+                request.sendall(encode_reply(
+                    R_TOO_MANY_CONNECTIONS.format(self.relay.config.relay_host)))
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -1640,7 +1669,9 @@ class Listener(socketserver.ThreadingTCPServer):
             raise
 
     def handle_error(self, request, client_address) -> None:
-        log.exception("session %s:%s failed", *client_address[:2])
+        log.error("session %s:%s ended by an internal error: %r", *client_address[:2],
+                  sys.exc_info()[1])
+        log.debug("the internal error in full", exc_info=True)
 
 
 class MetricsServer(http.server.ThreadingHTTPServer):
@@ -1651,6 +1682,17 @@ class MetricsServer(http.server.ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.relay = relay
         super().__init__(address, MetricsHandler)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("metrics: request from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+
+def listen(variable: str, make: Callable[[], socketserver.TCPServer]):
+    """Bind a listener; a port that cannot be had is a start-up error naming `variable`."""
+    try:
+        return make()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot listen: {exc.strerror or exc}") from None
 
 
 class Relay:
@@ -1723,6 +1765,9 @@ class Relay:
             log.error("%s: not accepted: cannot write to the spool: %s", message.id, exc)
             self.metrics.refused("spool_error")
             return R_LOCAL_ERROR
+        except QueueClosed:
+            self.metrics.refused("shutdown")
+            return R_SHUTDOWN.format(self.config.relay_host)
         self.metrics.count("accepted")
         log.info("%s: accepted from=<%s>, nrcpt=%d, size=%d, client=%s", message.id,
                  message.sender, len(message.recipients), len(message.data), message.client)
@@ -1733,18 +1778,23 @@ class Relay:
     def start(self) -> None:
         """Restore the spool, bind the listeners, start the flusher."""
         config = self.config
+        self.listeners.append(listen("RELAY_PORT", lambda: Listener(
+            self, (config.bind, config.port), implicit_tls=False)))
+        if config.tls_port:
+            self.listeners.append(listen("RELAY_TLS_PORT", lambda: Listener(
+                self, (config.bind, config.tls_port), implicit_tls=True)))
+        if config.metrics_port:
+            self.metrics_server = listen("DISPATCH_METRICS_PORT", lambda: MetricsServer(
+                self, (config.metrics_bind, config.metrics_port)))
         if self.spool:
-            restored = self.spool.load()
+            try:
+                restored = self.spool.load()
+            except OSError as exc:
+                raise ConfigError(f"DISPATCH_SPOOL: cannot read {config.spool}: "
+                                  f"{exc.strerror or exc}") from None
             self.queue.restore(restored)
             log.info("spool %s: %d message(s) restored", config.spool, len(restored))
         self.queue.wake_on_arrival = config.interval == 0
-        addresses = [((config.bind, config.port), False)]
-        if config.tls_port:
-            addresses.append(((config.bind, config.tls_port), True))
-        for address, implicit_tls in addresses:
-            self.listeners.append(Listener(self, address, implicit_tls))
-        if config.metrics_port:
-            self.metrics_server = MetricsServer(self, (config.metrics_bind, config.metrics_port))
         for server in self.listeners + [self.metrics_server]:
             if server is not None:
                 # A short poll interval makes a drain's listener.shutdown() prompt.
@@ -1910,9 +1960,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         try:
             relay.start()
-        except OSError as exc:
-            log.error("cannot listen on %s port %s: %s", config.bind, config.port,
-                      exc.strerror or exc)
+        except ConfigError as exc:
+            print(f"dispatch: configuration error: {exc}", file=sys.stderr)
             return 2
         while not stop.wait(1.0):
             pass

@@ -367,6 +367,7 @@ def base_process_env(upstream_port=2):
     ({"UPSTREAM_CA_FILE": "/nonexistent/ca.pem"}, "UPSTREAM_CA_FILE"),
     ({"RELAY_MAX_SIZE": "10MB"}, "RELAY_MAX_SIZE"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"RELAY_PASSWORD": "$2b$99$" + "a" * 53}, "RELAY_PASSWORD"),     # no such bcrypt cost
 ])
 def test_bad_configuration_stops_with_one_line_naming_the_variable(change, variable):
     env = base_process_env()
@@ -445,6 +446,19 @@ def test_env_file_supplies_missing_variables(tmp_path, upstream, run_relay):
     process_env = dict(env, RELAY_PORT=port)
     process = run_relay(process_env, args=["--env-file", str(tmp_path / "relay.env")])
     assert process.ready()
+
+
+@pytest.mark.parametrize("variable", ["RELAY_PORT", "DISPATCH_METRICS_PORT"])
+def test_a_port_in_use_stops_start_up_with_one_line_naming_its_variable(variable):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = dict(base_process_env(), **{variable: str(taken.getsockname()[1])})
+        status, out, err = run_cli(env=env)
+    assert status == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "configuration error" in line] == [
+        line for line in err.splitlines() if variable in line]
+    assert f"{variable}: cannot listen" in err
 
 
 def test_unreadable_env_file_is_a_one_line_error(tmp_path):
@@ -666,6 +680,14 @@ def test_unknown_parameter_is_555(relay):
     raw.expect(555, b"RCPT TO:<b@example.com> NOTIFY=NEVER\r\n")
 
 
+@pytest.mark.parametrize("size", ["\u00b2", "-1", "1e3", ""])
+def test_a_size_that_is_not_ascii_digits_is_501_and_the_session_goes_on(relay, size):
+    raw = Raw(relay.port)
+    raw.login()
+    raw.expect(501, f"MAIL FROM:<a@example.com> SIZE={size}\r\n".encode())
+    raw.expect(250, b"MAIL FROM:<a@example.com> SIZE=10\r\n")
+
+
 def test_mail_parameters_size_body_smtputf8_auth_are_accepted(relay):
     raw = Raw(relay.port)
     raw.login()
@@ -739,6 +761,16 @@ def test_a_command_line_over_512_bytes_is_500(relay):
     assert raw.expect(500, line).startswith("500 5.5.2")
     raw.expect(500, b"NOOP " + b"x" * 20000 + b"\r\n")      # even past the AUTH limit
     raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+
+
+def test_a_sasl_response_over_12288_bytes_is_500_and_the_session_goes_on(relay):
+    raw = Raw(relay.port)
+    raw.expect(250, b"EHLO client.test\r\n")
+    raw.expect(334, b"AUTH PLAIN\r\n")
+    assert raw.expect(500, b"A" * 13000 + b"\r\n").startswith("500 5.5.2")
+    raw.login_done = False
+    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+               + b"\r\n")
 
 
 def test_an_auth_line_may_be_longer_than_512_bytes(relay):
@@ -1565,6 +1597,19 @@ def test_a_stop_signal_sends_queued_mail_in_a_last_flush_and_exits_0(upstream, r
     assert time.monotonic() - started < 5
     assert tokens(upstream) == ["queued-0", "queued-1", "queued-2"]
     assert "lost" not in process.log()
+
+
+def test_without_a_spool_no_250_comes_after_the_last_flush_has_begun(make_relay, upstream):
+    relay = make_relay(DISPATCH_INTERVAL=3600)
+    late = Raw(relay.port)
+    late.login()
+    late.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    late.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    late.expect(354, b"DATA\r\n")
+    relay.flusher.stop(time.monotonic() + 5)    # what a drain does once DATA's share is up
+    assert late.expect(421, b"Subject: late\r\n\r\nx\r\n.\r\n").startswith("421 4.3.2")
+    relay.flusher.join(5)
+    assert len(relay.queue) == 0 and upstream.received == []
 
 
 def test_sigterm_lets_a_message_in_data_finish_with_its_250_and_tells_idle_sessions_421(

@@ -126,37 +126,38 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 class Config:
     """Every setting of the relay, read from the environment (SPEC section 1)."""
 
+    # No defaults here: from_env is the one place that knows them.
     username: str
     password_hash: bytes
     upstream_host: str
-    interval: float = 60.0
-    relay_host: str = "localhost"
-    bind: str = "0.0.0.0"
-    port: int = 25
-    upstream_port: int = 587
-    upstream_user: Optional[str] = None
-    upstream_pass: Optional[str] = None
-    upstream_from: Optional[str] = None
-    upstream_replyto: Optional[str] = None
-    upstream_tls: str = "starttls"
-    upstream_tls_verify: bool = True
-    upstream_ca_file: Optional[str] = None
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    require_tls: bool = False
-    tls_port: Optional[int] = None
-    max_size: int = 10485760
-    max_recipients: int = 100
-    timeout: float = 300.0
-    max_connections: int = 100
-    spool: Optional[str] = None
-    max_queue: int = 268435456
-    max_age: float = 432000.0
-    retry_max: float = 3600.0
-    drain_timeout: float = 30.0
-    metrics_port: Optional[int] = None
-    metrics_bind: str = "0.0.0.0"
-    log_level: str = "INFO"
+    interval: float
+    relay_host: str
+    bind: str
+    port: int
+    upstream_port: int
+    upstream_user: Optional[str]
+    upstream_pass: Optional[str]
+    upstream_from: Optional[str]
+    upstream_replyto: Optional[str]
+    upstream_tls: str
+    upstream_tls_verify: bool
+    upstream_ca_file: Optional[str]
+    tls_cert: Optional[str]
+    tls_key: Optional[str]
+    require_tls: bool
+    tls_port: Optional[int]
+    max_size: int
+    max_recipients: int
+    timeout: float
+    max_connections: int
+    spool: Optional[str]
+    max_queue: int
+    max_age: float
+    retry_max: float
+    drain_timeout: float
+    metrics_port: Optional[int]
+    metrics_bind: str
+    log_level: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Config":
@@ -191,14 +192,6 @@ class Config:
         log_level = (_text(env, "LOG_LEVEL") or "INFO").upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-        spool = _text(env, "DISPATCH_SPOOL")
-        if spool is not None and not os.path.isdir(spool):
-            try:
-                os.makedirs(spool, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"DISPATCH_SPOOL: cannot create {spool}: {exc.strerror}") from None
-        if spool is not None and not os.access(spool, os.W_OK | os.X_OK):
-            raise ConfigError(f"DISPATCH_SPOOL: {spool} is not writable")
         return cls(
             username=username,
             password_hash=password_hash.encode("ascii"),
@@ -223,7 +216,7 @@ class Config:
             max_recipients=int(_number(env, "RELAY_MAX_RECIPIENTS", 100, int, 1)),
             timeout=_number(env, "RELAY_TIMEOUT", 300.0, float, 0.001),
             max_connections=int(_number(env, "RELAY_MAX_CONNECTIONS", 100, int, 1)),
-            spool=spool,
+            spool=_text(env, "DISPATCH_SPOOL"),
             max_queue=int(_number(env, "DISPATCH_MAX_QUEUE", 268435456, int, 1)),
             max_age=_number(env, "DISPATCH_MAX_AGE", 432000.0, float, 1),
             retry_max=_number(env, "DISPATCH_RETRY_MAX", 3600.0, float, 1),
@@ -365,6 +358,32 @@ def parse_path(argument: str, keyword: str, allow_null: bool) -> tuple[str, dict
         name, _, value = word.partition("=")
         params[name.upper()] = value
     return address, params
+
+
+class _AuthCancelled(Exception):
+    """The client answered a SASL challenge with '*'."""
+
+
+class _LineTooLong(Exception):
+    """A SASL response longer than RFC 4954 allows."""
+
+
+BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def unstuff(raw: bytes) -> bytes:
+    """Remove the transparency dot of RFC 5321 4.5.2 from every CRLF line."""
+    if raw[:1] == b".":
+        raw = raw[1:]
+    return raw.replace(b"\r\n.", b"\r\n")
+
+
+def normalise(data: bytes) -> bytes:
+    """Store a bare CR or LF as CRLF, so no laxer upstream sees a smuggled line."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data
+    return BARE_LINE_END.sub(b"\r\n", data)
 
 
 class SessionClosed(Exception):
@@ -786,32 +805,6 @@ class Session(socketserver.BaseRequestHandler):
         return False
 
 
-class _AuthCancelled(Exception):
-    """The client answered a SASL challenge with '*'."""
-
-
-class _LineTooLong(Exception):
-    """A SASL response longer than RFC 4954 allows."""
-
-
-BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-def unstuff(raw: bytes) -> bytes:
-    """Remove the transparency dot of RFC 5321 4.5.2 from every CRLF line."""
-    if raw[:1] == b".":
-        raw = raw[1:]
-    return raw.replace(b"\r\n.", b"\r\n") if b"\r\n." in raw else raw
-
-
-def normalise(data: bytes) -> bytes:
-    """Store a bare CR or LF as CRLF, so no laxer upstream sees a smuggled line."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
-        return data
-    return BARE_LINE_END.sub(b"\r\n", data)
-
-
 # ===========================================================================
 # 3. The queue and its spool
 # ===========================================================================
@@ -874,6 +867,8 @@ class Spool:
             except OSError as exc:
                 raise ConfigError(f"DISPATCH_SPOOL: cannot create {path}: {exc.strerror}") \
                     from None
+        if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+            raise ConfigError(f"DISPATCH_SPOOL: {directory} is not readable and writable")
 
     def write(self, message: Message) -> None:
         """Write (or rewrite) the message's file and make it durable."""
@@ -1323,6 +1318,10 @@ class Upstream:
         return outcome
 
 
+def recipients_text(recipients: Iterable[str]) -> str:
+    return ",".join(f"<{r}>" for r in recipients)
+
+
 class Flusher(threading.Thread):
     """The timer thread: every DISPATCH_INTERVAL, send what is due in one batch."""
 
@@ -1475,7 +1474,7 @@ class Flusher(threading.Thread):
         by_status: dict[tuple[str, str], list[str]] = {}
         for recipient in message.recipients:
             code, text = outcome.answers.get(recipient, (451, "no answer"))
-            status = "sent" if code < 400 else "bounced" if code >= 500 else "deferred"
+            status = "sent" if code < 400 else "failed" if code >= 500 else "deferred"
             by_status.setdefault((status, text), []).append(recipient)
         for (status, text), recipients in by_status.items():
             log.log(logging.INFO if status == "sent" else logging.WARNING,
@@ -1497,10 +1496,6 @@ class Flusher(threading.Thread):
             if not sent:
                 self.metrics.count("failed")
             self.queue.remove(message, failed=not sent)
-
-
-def recipients_text(recipients: Iterable[str]) -> str:
-    return ",".join(f"<{r}>" for r in recipients)
 
 
 # ===========================================================================

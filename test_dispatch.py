@@ -368,6 +368,7 @@ def base_process_env(upstream_port=2):
     ({"RELAY_MAX_SIZE": "10MB"}, "RELAY_MAX_SIZE"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ({"RELAY_PASSWORD": "$2b$99$" + "a" * 53}, "RELAY_PASSWORD"),     # no such bcrypt cost
+    ({"DISPATCH_SPOOL": "/dev/null/spool"}, "DISPATCH_SPOOL"),
 ])
 def test_bad_configuration_stops_with_one_line_naming_the_variable(change, variable):
     env = base_process_env()
@@ -1327,7 +1328,7 @@ def test_the_spool_file_goes_only_when_every_recipient_has_a_final_answer(
     assert [m.recipients for m in upstream.received] == [["ok@example.com"]]
     assert len(spooled(spool)) == 1                 # still owed to busy@
     assert (f"{queue_id}: to=<gone@example.com>, relay=127.0.0.1:{upstream.port}, "
-            f"status=bounced (550 5.1.1 No such user)") in log_text(caplog)
+            f"status=failed (550 5.1.1 No such user)") in log_text(caplog)
     relay.drain()                                   # the last flush: busy@ still 452
     upstream.handler.rcpt_replies.clear()
     make_relay(DISPATCH_SPOOL=spool, DISPATCH_INTERVAL=0)     # a restart from the spool
@@ -2448,9 +2449,9 @@ def test_a_550_for_one_recipient_drops_and_logs_it_and_the_others_get_the_messag
     assert [m.recipients for m in provider.received] == [
         ["a@example.com"], ["b@example.com", "c@example.com"], ["d@example.com"]]
     assert len(relay.queue) == 0                       # every recipient has a final answer
-    bounced = [r.getMessage() for r in caplog.records if "status=bounced" in r.getMessage()]
-    assert len(bounced) == 1 and "to=<gone@example.com>" in bounced[0]
-    assert "550 5.1.1 No such user" in bounced[0]
+    failed = [r.getMessage() for r in caplog.records if "status=failed" in r.getMessage()]
+    assert len(failed) == 1 and "to=<gone@example.com>" in failed[0]
+    assert "550 5.1.1 No such user" in failed[0]
     metrics = relay_scrape(relay)
     assert (metrics["dispatch_messages_sent_total"], metrics["dispatch_messages_failed_total"],
             metrics["dispatch_messages_deferred_total"]) == (3, 0, 0)
@@ -2464,7 +2465,7 @@ def test_a_550_for_a_whole_message_takes_it_out_of_the_queue_as_failed(metrics_r
     assert relay.flusher.flush() is True
     assert subjects(provider) == ["m1", "m3"]
     assert len(relay.queue) == 0
-    assert any("status=bounced" in r.getMessage() and "550 5.7.1 Message refused by policy"
+    assert any("status=failed" in r.getMessage() and "550 5.7.1 Message refused by policy"
                in r.getMessage() for r in caplog.records)
     metrics = relay_scrape(relay)
     assert (metrics["dispatch_messages_sent_total"], metrics["dispatch_messages_failed_total"],

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import bcrypt
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -163,10 +163,17 @@ class UpstreamHandler:
         return "250 2.0.0 Message accepted"
 
 
+class LongLineSMTP(SMTP):
+    """aiosmtpd answers 500 to a text line over 1,000 bytes (RFC 5321 4.5.3.1.6);
+    this one takes lines up to 1 MiB, like providers that allow them."""
+
+    line_length_limit = 1 << 20
+
+
 class Upstream:
     """A real SMTP server (aiosmtpd) standing in for the provider."""
 
-    def __init__(self, port=None, auth=True, pipelining=True, **kwargs):
+    def __init__(self, port=None, auth=True, pipelining=True, long_lines=False, **kwargs):
         self.handler = UpstreamHandler(pipelining=pipelining)
         self.port = port or free_port()
         self.logins = []
@@ -176,6 +183,9 @@ class Upstream:
         options.update(kwargs)
         self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
                                      **options)
+        if long_lines:
+            self.controller.factory = lambda: LongLineSMTP(self.handler,
+                                                           **self.controller.SMTP_kwargs)
         self.password = UPSTREAM_PASS
         self.controller.start()
 
@@ -314,9 +324,9 @@ MESSAGE = (b"From: alice@example.com\r\nTo: bob@example.com\r\nSubject: hello\r\
 class RelayProcess:
     """A real `python dispatch.py` process, its log in a file."""
 
-    def __init__(self, env, tmp_path, args=(), wait=True):
+    def __init__(self, env, tmp_path, args=(), wait=True, port=None):
         self.env = env
-        self.port = int(env["RELAY_PORT"])
+        self.port = port or int(env["RELAY_PORT"])
         self.log_path = tmp_path / f"dispatch-{self.port}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
         child_env = {k: v for k, v in os.environ.items()
@@ -357,8 +367,8 @@ class RelayProcess:
 def run_relay(tmp_path):
     processes = []
 
-    def start(env, args=(), wait=True):
-        process = RelayProcess(env, tmp_path, args, wait)
+    def start(env, args=(), wait=True, port=None):
+        process = RelayProcess(env, tmp_path, args, wait, port)
         processes.append(process)
         return process
 
@@ -463,27 +473,29 @@ def test_hash_password_refuses_an_empty_password():
     assert status == 2 and out == "" and len(err.strip().splitlines()) == 1
 
 
-def test_env_file_is_loaded_and_the_environment_wins(tmp_path, upstream, run_relay):
+def ehlo_host_name(port):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        return smtp.ehlo()[1].decode().splitlines()[0]
+
+
+def test_env_file_supplies_variables_the_environment_lacks(tmp_path, upstream, run_relay):
     env = relay_env(upstream.port)
-    port = env.pop("RELAY_PORT")
+    port = int(env.pop("RELAY_PORT"))
+    del env["RELAY_HOST"]
     env_file = tmp_path / "relay.env"
     env_file.write_text(f"# comment\nexport RELAY_PORT={port}\nRELAY_HOST='from-file.test'\n")
-    env["RELAY_HOST"] = "from-environment.test"
-    env["RELAY_PORT"] = port
+    process = run_relay(env, args=["--env-file", str(env_file)], port=port)
+    assert ehlo_host_name(process.port) == "from-file.test"
+
+
+def test_the_environment_wins_over_the_env_file(tmp_path, upstream, run_relay):
+    env = relay_env(upstream.port, RELAY_HOST="from-environment.test")
+    file_port = free_port()
+    env_file = tmp_path / "relay.env"
+    env_file.write_text(f"RELAY_PORT={file_port}\nRELAY_HOST=from-file.test\n")
     process = run_relay(env, args=["--env-file", str(env_file)])
-    with smtplib.SMTP("127.0.0.1", process.port, timeout=10) as smtp:
-        assert smtp.ehlo()[1].decode().startswith("from-environment.test")
-    env_file.write_text(f"RELAY_PORT={port}\n")
-
-
-def test_env_file_supplies_missing_variables(tmp_path, upstream, run_relay):
-    env = relay_env(upstream.port)
-    port = env.pop("RELAY_PORT")
-    (tmp_path / "relay.env").write_text(f"RELAY_PORT={port}\n")
-    env["RELAY_PORT"] = ""
-    process_env = dict(env, RELAY_PORT=port)
-    process = run_relay(process_env, args=["--env-file", str(tmp_path / "relay.env")])
-    assert process.ready()
+    assert ehlo_host_name(process.port) == "from-environment.test"
+    assert not accepting(file_port)
 
 
 @pytest.mark.parametrize("variable", ["RELAY_PORT", "DISPATCH_METRICS_PORT"])
@@ -637,7 +649,8 @@ def test_three_failed_auths_close_the_session_with_421(relay):
     bad = b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()) + b"\r\n"
     raw.expect(535, bad)
     raw.expect(501, b"AUTH PLAIN ***\r\n")
-    raw.expect(535, bad)
+    raw.expect(334, b"AUTH LOGIN\r\n")
+    raw.expect(501, b"*\r\n")                 # a cancel is a failure too
     assert raw.expect(421).startswith("421 4.7.0")
     assert raw.closed()
     with client(relay) as smtp:        # the next session is unaffected
@@ -795,6 +808,10 @@ def test_unknown_command_is_500_and_the_session_goes_on(relay):
 def test_a_command_line_over_512_bytes_is_500(relay):
     raw = Raw(relay.port)
     raw.login()
+    at_limit = b"NOOP " + b"x" * (512 - len(b"NOOP \r\n")) + b"\r\n"
+    assert len(at_limit) == 512
+    assert raw.expect(250, at_limit) == "250 2.0.0 Ok"
+    assert raw.expect(500, at_limit[:-2] + b"x\r\n").startswith("500 5.5.2")     # 513
     line = b"MAIL FROM:<" + b"a" * 500 + b"@example.com>\r\n"
     assert raw.expect(500, line).startswith("500 5.5.2")
     raw.expect(500, b"NOOP " + b"x" * 20000 + b"\r\n")      # even past the AUTH limit
@@ -816,6 +833,20 @@ def test_an_auth_line_may_be_longer_than_512_bytes(relay):
     raw.expect(250, b"EHLO client.test\r\n")
     long_token = base64.b64encode(b"\0" + USER.encode() + b"\0" + b"p" * 1000)
     raw.expect(535, b"AUTH PLAIN " + long_token + b"\r\n")   # refused for the password only
+
+
+def test_an_auth_line_of_12288_bytes_is_taken_and_one_byte_more_is_500(relay):
+    raw = Raw(relay.port)
+    raw.expect(250, b"EHLO client.test\r\n")
+    # 9207 bytes encode to 12276 base64 characters, no padding; spaces fill the line.
+    token = base64.b64encode(b"\0" + USER.encode() + b"\0" + b"p" * (9207 - 2 - len(USER)))
+    at_limit = b"AUTH PLAIN " + token + b" "
+    assert len(at_limit) == 12288
+    raw.expect(535, at_limit + b"\r\n")           # read whole: refused for the password only
+    raw.expect(500, at_limit + b" \r\n")
+    raw.expect(334, b"AUTH PLAIN\r\n")            # the same limit for a SASL response
+    assert len(token + b"    " * 3) == 12288
+    raw.expect(535, token + b"    " * 3 + b"\r\n")
 
 
 def test_pipelined_commands_in_one_packet_are_all_answered_in_order(relay, upstream):
@@ -863,7 +894,8 @@ def test_only_crlf_dot_crlf_ends_the_data_so_smuggling_is_impossible(relay, upst
              b"RCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
     text = raw.expect(250)
     assert "queued as" in text
-    raw.expect(250, b"NOOP\r\n")          # exactly one reply came for all of it
+    # Exactly one reply came for all of it: the next is NOOP's, not a smuggled MAIL's.
+    assert raw.expect(250, b"NOOP\r\n") == "250 2.0.0 Ok"
     got = upstream.wait_received(1)
     wait_for(lambda: len(relay.queue) == 0, what="the relay to settle the message")
     assert len(upstream.received) == 1
@@ -894,7 +926,9 @@ def test_an_empty_message_is_accepted(relay, upstream):
     upstream.wait_received(1)
 
 
-def test_long_text_lines_are_data_not_errors(relay, upstream):
+def test_long_text_lines_are_data_not_errors(make_relay):
+    upstream = Upstream(long_lines=True)
+    relay = make_relay(upstream_port=upstream.port)
     body = b"Subject: long\r\n\r\n" + b"z" * 200_000 + b"\r\n"
     raw = Raw(relay.port)
     raw.login()
@@ -902,8 +936,10 @@ def test_long_text_lines_are_data_not_errors(relay, upstream):
     raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
     raw.expect(354, b"DATA\r\n")
     raw.expect(250, body + b".\r\n")
-    assert relay.queue.bytes == len(body) or len(upstream.received) == 1 or wait_for(
-        lambda: relay.metrics.counters["accepted"] == 1)
+    try:
+        assert upstream.wait_received(1)[0].data == body
+    finally:
+        upstream.stop()
 
 
 def test_an_idle_client_gets_421_after_the_timeout(make_relay):
@@ -945,12 +981,15 @@ def test_non_ascii_address_needs_smtputf8(relay, upstream):
 def test_the_listener_rebinds_at_once_after_kill_9(upstream, run_relay):
     env = relay_env(upstream.port)
     first = run_relay(env)
-    with smtplib.SMTP("127.0.0.1", first.port, timeout=10) as smtp:
-        smtp.noop()
+    held = Raw(first.port)              # a session open across the kill: its connection
+    held.login()                        # keeps the port busy (FIN_WAIT/TIME_WAIT)
     first.signal(signal.SIGKILL)
     first.wait()
-    second = run_relay(env)
-    assert second.ready()
+    try:
+        second = run_relay(env)         # fails the test if dispatch.py cannot bind
+        assert ehlo_host_name(second.port) == "relay.test"
+    finally:
+        held.close()
 
 
 # ===========================================================================
@@ -964,6 +1003,8 @@ def test_messages_arrive_at_the_upstream_byte_for_byte(relay, upstream):
     got = upstream.wait_received(1)[0]
     assert got.data == MESSAGE
     assert got.sender == "alice@example.com"
+    # 8BITMIME and SMTPUTF8 go upstream only when the client used them.
+    assert "BODY=8BITMIME" not in got.options and "SMTPUTF8" not in got.options
     assert got.recipients == ["bob@example.com", "carol@example.com"]
     assert upstream.logins == ["PLAIN"]
 
@@ -988,14 +1029,34 @@ def test_a_flush_with_nothing_due_opens_no_connection(make_relay, upstream):
     assert upstream.handler.connections == 0
 
 
-def test_the_timer_flushes_every_interval(make_relay, upstream):
-    relay = make_relay(DISPATCH_INTERVAL="0.2")
+def test_the_timer_flushes_every_interval_in_one_batch(make_relay, upstream):
+    arrivals = []
+
+    def on_data(server, session, envelope):
+        arrivals.append(time.monotonic())
+
+    hook(upstream, "DATA", on_data)
+    relay = make_relay(DISPATCH_INTERVAL=1)
     with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-    upstream.wait_received(1)
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-    upstream.wait_received(2)
+        # Send right after a tick, so the next one is a whole interval away.
+        before = relay.metrics.last_flush
+        wait_for(lambda: relay.metrics.last_flush != before, 5, "a tick of the timer")
+        accepted = []
+        for n in range(3):
+            send_message(smtp, b"Subject: %d\r\n\r\nbody\r\n" % n)
+            accepted.append(time.monotonic())
+    assert accepted[-1] - accepted[0] < 0.5, "the client was too slow to test the batch"
+    got = upstream.wait_received(3)
+    assert [m.data for m in got] == [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(3)]
+    assert upstream.handler.connections == 1         # one flush carried all three
+    assert arrivals[0] - accepted[0] >= 0.8          # waited for the interval, not at once
+
+
+def test_the_retry_delay_doubles_from_the_interval_up_to_dispatch_retry_max(make_relay):
+    relay = make_relay(DISPATCH_INTERVAL=1, DISPATCH_RETRY_MAX=100000)
+    assert [relay.flusher.retry_delay(n) for n in range(1, 6)] == [1, 2, 4, 8, 16]
+    capped = make_relay(DISPATCH_INTERVAL=1, DISPATCH_RETRY_MAX=5)
+    assert [capped.flusher.retry_delay(n) for n in range(1, 7)] == [1, 2, 4, 5, 5, 5]
 
 
 def test_upstream_from_replaces_the_envelope_sender(make_relay, upstream):
@@ -1083,7 +1144,8 @@ def test_log_lines_carry_the_queue_id_and_never_a_password(relay, upstream, capl
     text = "\n".join(r.getMessage() for r in caplog.records)
     accepted = [r.getMessage() for r in caplog.records if "accepted from=" in r.getMessage()]
     queue_id = accepted[0].split(":")[0]
-    assert f"nrcpt=1, size={len(MESSAGE)}, client=127.0.0.1:" in accepted[0]
+    assert accepted[0].startswith(f"{queue_id}: accepted from=<alice@example.com>, nrcpt=1, "
+                                  f"size={len(MESSAGE)}, client=127.0.0.1:")
     assert f"{queue_id}: to=<bob@example.com>, relay=127.0.0.1:{upstream.port}, status=sent" \
         " (250 2.0.0 Message accepted)" in text
     for secret in (PASSWORD, "wrong-password", UPSTREAM_PASS, bad.decode(),
@@ -2316,6 +2378,45 @@ def test_refusals_are_counted_by_reason_auth_size_and_queue_full(metrics_relay):
             refused(metrics, "size")) == (1, 1, 2)
 
 
+def test_refusals_are_counted_by_reason_recipients_and_connections(metrics_relay):
+    relay = metrics_relay(RELAY_MAX_RECIPIENTS=1, RELAY_MAX_CONNECTIONS=1)
+    refused = lambda reason: relay_scrape(relay).value(  # noqa: E731
+        "dispatch_messages_refused_total", reason=reason)
+    raw = Raw(relay.port)
+    raw.login()
+    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    raw.expect(250, b"RCPT TO:<b1@example.com>\r\n")
+    raw.expect(452, b"RCPT TO:<b2@example.com>\r\n")
+    assert refused("recipients") == 1
+    assert refused("connections") == 0
+    extra = Raw(relay.port, greeting=False)
+    assert extra.expect(421).startswith("421 4.7.0")
+    wait_for(lambda: refused("connections") == 1, what="the refused connection counted")
+    assert refused("recipients") == 1
+
+
+def test_healthz_is_503_while_draining(metrics_relay, upstream):
+    relay = metrics_relay(DISPATCH_DRAIN_TIMEOUT=10)
+    assert healthz(relay) == (200, "ok\n")
+    stuck = Raw(relay.port)            # holds the drain in its wait for DATA to finish
+    stuck.login()
+    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    stuck.expect(354, b"DATA\r\n")
+    stuck.send(b"Subject: in data\r\n\r\n")
+    drain = threading.Thread(target=relay.drain)
+    drain.start()
+    try:
+        wait_for(lambda: relay.draining, what="the drain to begin")
+        status, body = healthz(relay)
+        assert status == 503 and body.endswith("\n") and len(body.strip()) > 10, body
+    finally:
+        stuck.send(b"the end\r\n.\r\n")
+        drain.join(15)
+    assert not drain.is_alive()
+    assert subjects(upstream) == ["in data"]
+
+
 def test_sessions_open_counts_live_client_sessions(metrics_relay):
     relay = metrics_relay()
     value = lambda: relay_scrape(relay)["dispatch_sessions_open"]  # noqa: E731
@@ -2413,6 +2514,7 @@ def test_healthz_recovers_when_the_failing_mail_expires_and_the_queue_empties(
     assert relay.flusher.flush() is True                # expired: nothing left to fail
     assert len(relay.queue) == 0
     assert healthz(relay) == (200, "ok\n")
+    assert relay_scrape(relay)["dispatch_messages_failed_total"] == 1     # expiry is a failure
 
 
 def test_a_refusing_upstream_is_not_an_unhealthy_one(metrics_relay, upstream):

@@ -1,4 +1,4 @@
-"""Tests for Dispatch, in the order of dispatch.py's sections.
+"""Tests for Dispatch, in sections numbered as dispatch.py's are (not in that order).
 
 Everything runs on real sockets on 127.0.0.1: the relay (in this process, or
 as a real `dispatch.py` process where the process matters), Python's smtplib
@@ -317,6 +317,11 @@ def send_message(smtp, data: bytes, sender="alice@example.com", to=("bob@example
     return smtp.sendmail(sender, list(to), data)
 
 
+def delivered_data(upstream) -> bytes:
+    """The data of the first message the upstream received (waits for it)."""
+    return upstream.wait_received(1)[0].data
+
+
 MESSAGE = (b"From: alice@example.com\r\nTo: bob@example.com\r\nSubject: hello\r\n\r\n"
            b"Hello Bob.\r\n.a line that starts with a dot\r\n..two dots\r\nBye.\r\n")
 
@@ -392,10 +397,6 @@ def run_cli(*args, env=None, input=None, timeout=30):
 # ===========================================================================
 
 
-def base_process_env(upstream_port=2):
-    return relay_env(upstream_port)
-
-
 @pytest.mark.parametrize("change, variable", [
     ({"RELAY_USERNAME": None}, "RELAY_USERNAME"),
     ({"RELAY_PASSWORD": None}, "RELAY_PASSWORD"),
@@ -418,7 +419,7 @@ def base_process_env(upstream_port=2):
     ({"DISPATCH_SPOOL": "/dev/null/spool"}, "DISPATCH_SPOOL"),
 ])
 def test_bad_configuration_stops_with_one_line_naming_the_variable(change, variable):
-    env = base_process_env()
+    env = relay_env(2)
     for key, value in change.items():
         if value is None:
             env.pop(key)
@@ -449,7 +450,7 @@ def test_defaults_follow_the_spec():
 
 
 def test_decimal_interval_is_allowed():
-    env = base_process_env()
+    env = relay_env(2)
     env["DISPATCH_INTERVAL"] = "0.5"
     assert dispatch.Config.from_env(env).interval == 0.5
 
@@ -503,7 +504,7 @@ def test_a_port_in_use_stops_start_up_with_one_line_naming_its_variable(variable
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = dict(base_process_env(), **{variable: str(taken.getsockname()[1])})
+        env = dict(relay_env(2), **{variable: str(taken.getsockname()[1])})
         status, out, err = run_cli(env=env)
     assert status == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if "configuration error" in line] == [
@@ -513,7 +514,7 @@ def test_a_port_in_use_stops_start_up_with_one_line_naming_its_variable(variable
 
 def test_unreadable_env_file_is_a_one_line_error(tmp_path):
     status, out, err = run_cli("--env-file", str(tmp_path / "missing.env"),
-                               env=base_process_env())
+                               env=relay_env(2))
     assert status == 2 and "--env-file" in err and len(err.strip().splitlines()) == 1
 
 
@@ -619,7 +620,6 @@ def test_auth_cancelled_with_star_is_501_and_mail_still_needs_auth(relay):
     raw.expect(334, b"AUTH LOGIN\r\n")
     raw.expect(501, b"*\r\n")
     raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
-    raw.login_done = False
     raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
                + b"\r\n")
 
@@ -823,7 +823,6 @@ def test_a_sasl_response_over_12288_bytes_is_500_and_the_session_goes_on(relay):
     raw.expect(250, b"EHLO client.test\r\n")
     raw.expect(334, b"AUTH PLAIN\r\n")
     assert raw.expect(500, b"A" * 13000 + b"\r\n").startswith("500 5.5.2")
-    raw.login_done = False
     raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
                + b"\r\n")
 
@@ -875,12 +874,7 @@ def test_dot_stuffing_is_removed(relay, upstream):
     raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
     raw.expect(354, b"DATA\r\n")
     raw.expect(250, b"..leading dot\r\nmiddle\r\n...\r\n.\r\n")
-    assert relay_stored_or_sent(upstream) == b".leading dot\r\nmiddle\r\n..\r\n"
-
-
-def relay_stored_or_sent(upstream):
-    """The data the upstream received for the first message."""
-    return upstream.wait_received(1)[0].data
+    assert delivered_data(upstream) == b".leading dot\r\nmiddle\r\n..\r\n"
 
 
 @pytest.mark.parametrize("smuggle", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"])
@@ -913,7 +907,7 @@ def test_bare_line_ends_are_stored_as_crlf(relay, upstream):
     raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
     raw.expect(354, b"DATA\r\n")
     raw.expect(250, b"a\nb\rc\r\n.\r\n")
-    assert relay_stored_or_sent(upstream) == b"a\r\nb\r\nc\r\n"
+    assert delivered_data(upstream) == b"a\r\nb\r\nc\r\n"
 
 
 def test_an_empty_message_is_accepted(relay, upstream):
@@ -1168,17 +1162,6 @@ def test_credentials_are_never_sent_in_cleartext_without_opt_in(make_relay, upst
 
 # Issue 4, "Never lose an accepted message": the spool, delivery failures,
 # the limits and the drain (SPEC sections 1 and 3).
-#
-# To merge into test_dispatch.py: the spool, failure and limit tests belong in
-# section "3. The queue and the upstream", the signal tests in a section on the
-# life cycle.  Real sockets on 127.0.0.1, a real aiosmtpd upstream, a real
-# `dispatch.py` process wherever the process matters (kill -9, signals,
-# restarts); nothing waits with a bare sleep.
-
-
-
-
-# `import *` brought in the main suite's tests too: collect only this file's.
 
 
 # ---------------------------------------------------------------------------
@@ -1278,8 +1261,7 @@ class AuthRefusingUpstream(Upstream):
     def authenticate(self, server, session, envelope, mechanism, auth_data):
         self.auth_times.append(time.monotonic())
         if len(self.auth_times) <= self.refusals:
-            # handled=False: aiosmtpd itself answers "535 5.7.8 ... invalid" (the
-            # main suite's Upstream returns handled=True and so sends no reply).
+            # handled=False: aiosmtpd itself answers "535 5.7.8 ... invalid".
             return AuthResult(success=False, handled=False)
         return super().authenticate(server, session, envelope, mechanism, auth_data)
 
@@ -1857,9 +1839,6 @@ def test_500_messages_from_20_concurrent_clients_arrive_exactly_once(upstream, r
 # Everything runs on real sockets on 127.0.0.1: an in-process relay (or a real
 # `dispatch.py` process), aiosmtpd as the upstream, HTTP for /healthz and
 # /metrics, parsed as strictly as Prometheus parses its text format 0.0.4.
-
-
-# `import *` brought the main suite's tests along; they run from test_dispatch.py only.
 
 
 # ---------------------------------------------------------------------------
@@ -2815,13 +2794,6 @@ def test_with_pipelining_each_message_costs_one_write_and_without_it_four(proxie
 # name, a key that matches none of them, and a key with a passphrase. Every
 # handshake is real, on 127.0.0.1, and the clients verify the relay against the
 # test CA.
-
-
-
-
-
-# `import *` also brought test_dispatch's tests; they run from their own file.
-
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for Dispatch, in sections numbered as dispatch.py's are (not in that order).
+"""Tests for Dispatch, in the order of dispatch.py's sections (shared helpers first).
 
 Everything runs on real sockets on 127.0.0.1: the relay (in this process, or
 as a real `dispatch.py` process where the process matters), Python's smtplib
@@ -393,6 +393,636 @@ def run_cli(*args, env=None, input=None, timeout=30):
 
 
 # ===========================================================================
+# Helpers for durability, metrics and TLS tests
+# ===========================================================================
+
+
+# Issue 4, "Never lose an accepted message": the spool, delivery failures,
+# the limits and the drain (SPEC sections 1 and 3).
+
+
+# ---------------------------------------------------------------------------
+# Helpers: tokens that identify each message, a spool listing, upstream hooks
+# ---------------------------------------------------------------------------
+
+TOKEN = re.compile(rb"X-Token: (\S+)")
+
+
+def token_message(token: str) -> bytes:
+    return (f"From: app@example.com\r\nTo: bob@example.com\r\nSubject: {token}\r\n"
+            f"X-Token: {token}\r\n\r\nbody\r\n").encode()
+
+
+def submit(smtp, token, to=("bob@example.com",)) -> str:
+    """Send one message over a logged-in smtplib session; return its queue ID.
+
+    Raises AssertionError unless the relay answered 250 to its end of data.
+    """
+    code, text = smtp.mail("app@example.com")
+    assert code == 250, text
+    for recipient in to:
+        code, text = smtp.rcpt(recipient)
+        assert code == 250, text
+    code, text = smtp.data(token_message(token))
+    assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def raw_message(raw, size, code):
+    """MAIL, RCPT, DATA and a message of exactly `size` bytes; expect `code` at its end."""
+    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    raw.expect(354, b"DATA\r\n")
+    return raw.expect(code, b"x" * (size - 2) + b"\r\n.\r\n")
+
+
+def token_of(data: bytes) -> str:
+    return TOKEN.search(data).group(1).decode()
+
+
+def tokens(upstream) -> list:
+    """The tokens of the messages the upstream received, in the order received."""
+    return [token_of(m.data) for m in list(upstream.received)]
+
+
+def spooled(spool: Path) -> list:
+    """The message files waiting in the spool (not tmp/ or failed/)."""
+    return sorted(p.name for p in spool.iterdir() if p.is_file())
+
+
+def hook(upstream, command, fn):
+    """Run `fn(server, session, envelope, *args)` for `command` on new upstream
+    connections; a reply it returns is used, None falls through to the default."""
+    default = getattr(upstream.handler, "handle_" + command)
+
+    async def handle(server, session, envelope, *args):
+        reply = fn(server, session, envelope, *args)
+        if reply is not None:
+            return reply
+        return await default(server, session, envelope, *args)
+
+    setattr(upstream.handler, "handle_" + command, handle)
+
+
+def drop_connection(server) -> str:
+    """Close the upstream side at once; the reply returned is never sent."""
+    server.transport.abort()
+    return "554 5.0.0 this reply is never sent"
+
+
+def log_text(caplog) -> str:
+    return "\n".join(record.getMessage() for record in caplog.records)
+
+
+def accepting(port) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def gaps(times):
+    return [later - earlier for earlier, later in zip(times, times[1:])]
+
+
+class AuthRefusingUpstream(Upstream):
+    """An upstream that refuses the relay's AUTH (535) the first `refusals` times,
+    as a provider does until the rotated password is in place; records each try."""
+
+    def __init__(self, refusals, **kwargs):
+        self.refusals = refusals
+        self.auth_times = []
+        super().__init__(**kwargs)
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        self.auth_times.append(time.monotonic())
+        if len(self.auth_times) <= self.refusals:
+            # handled=False: aiosmtpd itself answers "535 5.7.8 ... invalid".
+            return AuthResult(success=False, handled=False)
+        return super().authenticate(server, session, envelope, mechanism, auth_data)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    return tmp_path / "spool"
+
+
+# Health, metrics (SPEC section 5) and the pipelined flush (SPEC section 3, RFC 2920).
+#
+# Everything runs on real sockets on 127.0.0.1: an in-process relay (or a real
+# `dispatch.py` process), aiosmtpd as the upstream, HTTP for /healthz and
+# /metrics, parsed as strictly as Prometheus parses its text format 0.0.4.
+
+
+# ---------------------------------------------------------------------------
+# A strict parser for the Prometheus text exposition format (version 0.0.4)
+# ---------------------------------------------------------------------------
+
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?Inf|NaN")
+BLANKS = re.compile(r"[ \t]+")
+TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+
+
+@dataclass
+class Family:
+    name: str
+    type: str = None
+    help: str = None
+    samples: dict = field(default_factory=dict)   # (sample name, labels) -> value
+
+
+class ExpositionError(AssertionError):
+    pass
+
+
+def _unescape(text, allowed, number, line):
+    out, chars = [], iter(text)
+    for char in chars:
+        if char != "\\":
+            out.append(char)
+            continue
+        escaped = next(chars, "")
+        if escaped not in allowed:
+            raise ExpositionError(f"line {number}: bad escape \\{escaped}: {line!r}")
+        out.append(allowed[escaped])
+    return "".join(out)
+
+
+def _labels(line, pos, number):
+    """Parse `{name="value",...}` from line[pos]; return (labels, position after it)."""
+    labels = {}
+    pos += 1
+    while True:
+        if line[pos:pos + 1] == "}":
+            return labels, pos + 1
+        match = LABEL_NAME.match(line, pos)
+        if not match or line[match.end():match.end() + 2] != '="':
+            raise ExpositionError(f"line {number}: bad label at column {pos}: {line!r}")
+        name = match.group()
+        if name.startswith("__") or name in labels:
+            raise ExpositionError(f"line {number}: reserved or repeated label {name}: {line!r}")
+        pos = match.end() + 2
+        raw = []
+        while True:
+            if pos >= len(line):
+                raise ExpositionError(f"line {number}: unterminated label value: {line!r}")
+            char = line[pos]
+            if char == '"':
+                break
+            if char == "\\":
+                raw.append(line[pos:pos + 2])
+                pos += 2
+            else:
+                raw.append(char)
+                pos += 1
+        labels[name] = _unescape("".join(raw), {"\\": "\\", '"': '"', "n": "\n"}, number, line)
+        pos += 1
+        if line[pos:pos + 1] == ",":
+            pos += 1
+        elif line[pos:pos + 1] != "}":
+            raise ExpositionError(f"line {number}: expected , or }} after a label: {line!r}")
+
+
+def parse_exposition(text):
+    """Parse a /metrics body as Prometheus does, failing on anything it would reject.
+
+    Also holds Dispatch to the conventions the brief asks for: every sample's
+    metric has `# HELP` and `# TYPE` before it, and counters end in `_total`.
+    Returns {family name: Family}.
+    """
+    if not text.endswith("\n"):
+        raise ExpositionError("the exposition must end with a line feed")
+    families = {}
+    finished = set()
+    current = None
+
+    def enter(name, number, line):
+        nonlocal current
+        if name != current:
+            if name in finished:
+                raise ExpositionError(f"line {number}: lines of {name} are not one group")
+            if current is not None:
+                finished.add(current)
+            current = name
+        return families.setdefault(name, Family(name))
+
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            parts = BLANKS.split(line.rstrip(" \t"), 3) if line.startswith("# ") else []
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                if not METRIC_NAME.fullmatch(parts[2]):
+                    raise ExpositionError(f"line {number}: bad metric name: {line!r}")
+                family = enter(parts[2], number, line)
+                rest = parts[3] if len(parts) > 3 else ""
+                if parts[1] == "HELP":
+                    if family.help is not None:
+                        raise ExpositionError(f"line {number}: second HELP: {line!r}")
+                    family.help = _unescape(rest, {"\\": "\\", "n": "\n"}, number, line)
+                else:
+                    if family.type is not None or family.samples:
+                        raise ExpositionError(f"line {number}: TYPE repeated or late: {line!r}")
+                    if rest not in TYPES:
+                        raise ExpositionError(f"line {number}: unknown type: {line!r}")
+                    family.type = rest
+            continue          # any other comment
+        match = METRIC_NAME.match(line)
+        if not match:
+            raise ExpositionError(f"line {number}: bad metric name: {line!r}")
+        name, pos = match.group(), match.end()
+        labels = {}
+        if line[pos:pos + 1] == "{":
+            labels, pos = _labels(line, pos, number)
+        fields = BLANKS.split(line[pos:].strip(" \t"))
+        if not BLANKS.match(line, pos) or len(fields) not in (1, 2):
+            raise ExpositionError(f"line {number}: expected ' value [timestamp]': {line!r}")
+        if not FLOAT.fullmatch(fields[0]) or (len(fields) == 2 and
+                                              not re.fullmatch(r"-?\d+", fields[1])):
+            raise ExpositionError(f"line {number}: bad value or timestamp: {line!r}")
+        value = float(fields[0].replace("Inf", "inf"))
+        candidates = [name] + [name[:-len(s)] for s in ("_bucket", "_sum", "_count")
+                               if name.endswith(s)]
+        family = next((families[c] for c in candidates if c in families
+                       and (c == name or name[len(c):] in SUFFIXES.get(families[c].type, ()))),
+                      None)
+        if family is None or family.type is None or family.help is None:
+            raise ExpositionError(f"line {number}: sample without HELP and TYPE before it: "
+                                  f"{line!r}")
+        enter(family.name, number, line)
+        key = (name, tuple(sorted(labels.items())))
+        if key in family.samples:
+            raise ExpositionError(f"line {number}: repeated sample: {line!r}")
+        if family.type == "counter":
+            if not name.endswith("_total"):
+                raise ExpositionError(f"line {number}: a counter's name ends in _total: {line!r}")
+            if math.isnan(value) or value < 0:
+                raise ExpositionError(f"line {number}: a counter is never negative: {line!r}")
+        family.samples[key] = value
+    return families
+
+
+# ---------------------------------------------------------------------------
+# Helpers: HTTP, scraping, a scriptable upstream, a recording proxy
+# ---------------------------------------------------------------------------
+
+SPEC_COUNTERS = ("dispatch_messages_accepted_total", "dispatch_messages_sent_total",
+                 "dispatch_messages_deferred_total", "dispatch_messages_failed_total",
+                 "dispatch_messages_refused_total", "dispatch_auth_failures_total",
+                 "dispatch_flush_failures_total")
+SPEC_GAUGES = ("dispatch_queue_messages", "dispatch_queue_bytes",
+               "dispatch_queue_oldest_age_seconds", "dispatch_last_flush_timestamp_seconds",
+               "dispatch_last_flush_duration_seconds", "dispatch_sessions_open")
+
+
+def http_get(port, path, host="127.0.0.1"):
+    """(status, content type, body) of a real HTTP GET."""
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return (response.status, response.getheader("Content-Type", ""),
+                response.read().decode("utf-8"))
+    finally:
+        connection.close()
+
+
+class Scrape(dict):
+    """Parsed /metrics: {family name: Family}; `scrape["name"]` is an unlabelled sample."""
+
+    def value(self, name, **labels):
+        return super().__getitem__(name).samples[(name, tuple(sorted(labels.items())))]
+
+    def __getitem__(self, name):
+        return self.value(name)
+
+
+def scrape(port, host="127.0.0.1"):
+    status, kind, body = http_get(port, "/metrics", host)
+    assert status == 200, body
+    assert kind.split(";")[0].strip() == "text/plain" and "version=0.0.4" in kind, kind
+    return Scrape(parse_exposition(body))
+
+
+def metrics_port(relay):
+    return relay.metrics_server.server_address[1]
+
+
+def relay_scrape(relay):
+    return scrape(metrics_port(relay))
+
+
+def healthz(relay_or_port, host="127.0.0.1"):
+    port = relay_or_port if isinstance(relay_or_port, int) else metrics_port(relay_or_port)
+    status, kind, body = http_get(port, "/healthz", host)
+    return status, body
+
+
+SILENT = object()      # drop the connection instead of replying
+
+
+class Script:
+    """Make the aiosmtpd upstream misbehave once for a given sender (at MAIL), recipient
+    (at RCPT) or subject (at the end of data): answer `reply` (None: as usual), then
+    maybe close the connection; `SILENT` closes it without any reply.  Each rule is
+    used once, so a retry on a new connection goes through."""
+
+    def __init__(self, upstream):
+        self.mail, self.rcpt, self.data = {}, {}, {}
+        handler = upstream.handler
+        handler.handle_MAIL = self._hook(handler.handle_MAIL, self.mail,
+                                         lambda envelope, args: args[0])
+        handler.handle_RCPT = self._hook(handler.handle_RCPT, self.rcpt,
+                                         lambda envelope, args: args[0])
+        handler.handle_DATA = self._hook(handler.handle_DATA, self.data,
+                                         lambda envelope, args: subject(envelope.original_content))
+
+    def on_mail(self, sender, reply=None, close=False):
+        self.mail[sender] = (reply, close)
+
+    def on_rcpt(self, recipient, reply=None, close=False):
+        self.rcpt[recipient] = (reply, close)
+
+    def on_data(self, subject_text, reply=None, close=False):
+        self.data[subject_text] = (reply, close)
+
+    @staticmethod
+    def _hook(original, rules, key):
+        async def hook(server, session, envelope, *args):
+            rule = rules.pop(key(envelope, args), None)
+            if rule is None:
+                return await original(server, session, envelope, *args)
+            reply, close = rule
+            if reply is SILENT:
+                server.transport.close()
+                return "250 never sent: the connection is closed"
+            if reply is None:
+                reply = await original(server, session, envelope, *args)
+            if not close:
+                return reply
+            # Hang up right after this reply, before reading anything pipelined after it.
+            await server.push(reply)
+            server.transport.close()
+            return "250 never sent: the connection is closed"
+        return hook
+
+
+def subject(data):
+    match = re.search(rb"(?m)^Subject: (.*?)\r?$", data or b"")
+    return match.group(1).decode() if match else None
+
+
+def subjects(upstream):
+    return [subject(m.data) for m in upstream.received]
+
+
+def queue_mail(relay, *messages):
+    """Send (subject, recipients) pairs through the relay, sender s<subject>@example.com."""
+    with client(relay) as smtp:
+        for name, recipients in messages:
+            send_message(smtp, b"Subject: %s\r\n\r\nbody of %s\r\n" % (name.encode(),
+                                                                        name.encode()),
+                         sender=f"s-{name}@example.com", to=recipients)
+    assert len(relay.queue) >= len(messages)
+
+
+def batch(*names):
+    return [(name, ["rcpt@example.com"]) for name in names]
+
+
+class RecordingProxy:
+    """A TCP proxy in front of the upstream that records every read from the relay,
+    one list of chunks per connection: the writes the relay made, as they arrived."""
+
+    def __init__(self, target_port):
+        self.connections = []
+        proxy = self
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self):
+                chunks = []
+                proxy.connections.append(chunks)
+                with socket.create_connection(("127.0.0.1", target_port), timeout=10) as far:
+                    back = threading.Thread(target=self.copy, args=(far, self.request),
+                                            daemon=True)
+                    back.start()
+                    self.copy(self.request, far, chunks)
+                    back.join(10)
+
+            @staticmethod
+            def copy(source, target, chunks=None):
+                try:
+                    while True:
+                        data = source.recv(65536)
+                        if not data:
+                            break
+                        if chunks is not None:
+                            chunks.append(data)
+                        target.sendall(data)
+                except OSError:
+                    pass
+                try:
+                    target.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Pipe)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def metrics_relay(make_relay):
+    """An in-process relay with its metrics port on, flushed by hand."""
+    def make(upstream_port=None, **overrides):
+        overrides.setdefault("DISPATCH_INTERVAL", 3600)
+        return make_relay(upstream_port, DISPATCH_METRICS_PORT=free_port(), **overrides)
+    return make
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
+def provider(request):
+    """The upstream, with and without PIPELINING: every outcome must be the same."""
+    server = Upstream(pipelining=request.param)
+    yield server
+    server.stop()
+
+
+def assert_monotonic(before, after):
+    """Counters never go down while the process lives."""
+    for name, family in before.items():
+        if family.type == "counter":
+            for key, value in family.samples.items():
+                assert dict.get(after, name).samples.get(key, 0) >= value, (key, value)
+
+
+# Tests for TLS (issue 5): STARTTLS and implicit TLS on the relay, TLS
+# required before AUTH, strict TLS to the upstream, and bad certificates at
+# start-up.
+#
+# Certificates are made once per module in a temporary folder: a test CA, a
+# server certificate for localhost/127.0.0.1 signed by it, an unrelated CA with
+# its own localhost certificate, a certificate of the test CA for another host
+# name, a key that matches none of them, and a key with a passphrase. Every
+# handshake is real, on 127.0.0.1, and the clients verify the relay against the
+# test CA.
+
+
+# ---------------------------------------------------------------------------
+# Certificates and TLS helpers
+# ---------------------------------------------------------------------------
+
+
+def _new_key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _certificate(common_name, key, issuer=None, names=(), ca=False):
+    """A certificate for `key`, signed by `issuer` = (cert, key), or self-signed."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    issuer_cert, issuer_key = issuer or (None, key)
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject)
+               .issuer_name(issuer_cert.subject if issuer_cert else subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1))
+               .not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address(name)) if name[0].isdigit() else x509.DNSName(name)
+            for name in names]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path, *items, password=None):
+    chunks = []
+    for item in items:
+        if isinstance(item, x509.Certificate):
+            chunks.append(item.public_bytes(serialization.Encoding.PEM))
+        else:
+            encryption = (serialization.BestAvailableEncryption(password) if password
+                          else serialization.NoEncryption())
+            chunks.append(item.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8, encryption))
+    path.write_bytes(b"".join(chunks))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """PEM files: ca, cert/key (localhost, 127.0.0.1), other_ca with other_cert/other_key,
+    wrong_name_cert/wrong_name_key (the test CA, another host), wrong_key, encrypted_key."""
+    folder = tmp_path_factory.mktemp("certs")
+    ca_key, other_ca_key = _new_key(), _new_key()
+    ca = _certificate("Dispatch Test CA", ca_key, ca=True)
+    other_ca = _certificate("Unrelated Test CA", other_ca_key, ca=True)
+    key, other_key, wrong_name_key = _new_key(), _new_key(), _new_key()
+    names = ("localhost", "127.0.0.1")
+    cert = _certificate("localhost", key, (ca, ca_key), names)
+    return SimpleNamespace(
+        folder=folder,
+        ca=_write(folder / "ca.pem", ca),
+        cert=_write(folder / "cert.pem", cert),
+        key=_write(folder / "key.pem", key),
+        other_ca=_write(folder / "other-ca.pem", other_ca),
+        other_cert=_write(folder / "other-cert.pem",
+                          _certificate("localhost", other_key, (other_ca, other_ca_key), names)),
+        other_key=_write(folder / "other-key.pem", other_key),
+        wrong_name_cert=_write(folder / "wrong-name-cert.pem", _certificate(
+            "mail.example.com", wrong_name_key, (ca, ca_key), ("mail.example.com",))),
+        wrong_name_key=_write(folder / "wrong-name-key.pem", wrong_name_key),
+        wrong_key=_write(folder / "wrong-key.pem", _new_key()),
+        encrypted_key=_write(folder / "encrypted-key.pem", key, password=b"passphrase"),
+    )
+
+
+def tls_env(certs, **overrides):
+    """make_relay overrides for a relay with the test certificate."""
+    return dict({"RELAY_TLS_CERT": certs.cert, "RELAY_TLS_KEY": certs.key}, **overrides)
+
+
+def client_context(certs, ca=None):
+    """What a careful client does: verify the relay against the test CA."""
+    return ssl.create_default_context(cafile=ca or certs.ca)
+
+
+def server_context(certs, cert=None, key=None):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert or certs.cert, key or certs.key)
+    return context
+
+
+def read_reply(sock):
+    """(code, text) of one reply, read a byte at a time so that nothing after it
+    is consumed: the bytes that follow may belong to a TLS handshake."""
+    lines, line = [], b""
+    while True:
+        byte = sock.recv(1)
+        if not byte:
+            return None, "\n".join(lines)
+        line += byte
+        if line.endswith(b"\n"):
+            lines.append(line.decode().rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+            line = b""
+
+
+def expect(sock, code, command=None):
+    if command is not None:
+        sock.sendall(command)
+    got, text = read_reply(sock)
+    assert got == code, f"expected {code}, got {text!r}"
+    return text
+
+
+def ehlo_keywords(text):
+    return [line[4:] for line in text.splitlines()[1:]]
+
+
+def auth_plain_command():
+    return b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()) + b"\r\n"
+
+
+def connect_starttls(port, certs, server_hostname="localhost"):
+    """A raw client: EHLO, STARTTLS, the verified handshake; the TLS socket."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    expect(sock, 220)
+    expect(sock, 250, b"EHLO client.test\r\n")
+    expect(sock, 220, b"STARTTLS\r\n")
+    return client_context(certs).wrap_socket(sock, server_hostname=server_hostname)
+
+
+def tls_client(relay, certs):
+    """smtplib over STARTTLS, verifying the relay's certificate against the test CA,
+    logged in."""
+    smtp = smtplib.SMTP("localhost", relay.port, local_hostname="client.test", timeout=10)
+    smtp.starttls(context=client_context(certs))
+    smtp.login(USER, PASSWORD)
+    return smtp
+
+
+# ===========================================================================
 # 1. Configuration and command line
 # ===========================================================================
 
@@ -524,6 +1154,35 @@ def test_example_env_is_a_valid_configuration():
     config = dispatch.Config.from_env(environ)
     assert bcrypt.checkpw(b"secret", config.password_hash)
     assert config.port == 2525 and config.upstream_tls == "none"
+
+
+@pytest.mark.parametrize("change, variable", [
+    ({"RELAY_TLS_CERT": "{folder}"}, "RELAY_TLS_CERT"),                 # cannot be read
+    ({"RELAY_TLS_CERT": "{folder}/garbage.pem"}, "RELAY_TLS_CERT"),     # not PEM
+    ({"RELAY_TLS_CERT": "{folder}/broken.pem"}, "RELAY_TLS_CERT"),      # a broken PEM
+    ({"RELAY_TLS_KEY": "{wrong_key}"}, "RELAY_TLS_KEY"),                # does not match
+    ({"RELAY_TLS_KEY": "{cert}"}, "RELAY_TLS_KEY"),                     # holds no key
+    ({"RELAY_TLS_KEY": "{encrypted_key}"}, "RELAY_TLS_KEY"),            # needs a passphrase
+    ({"RELAY_TLS_KEY": None}, "RELAY_TLS_KEY"),
+    ({"RELAY_TLS_CERT": None, "RELAY_TLS_KEY": None, "RELAY_TLS_PORT": "4650"},
+     "RELAY_TLS_PORT"),
+    ({"UPSTREAM_CA_FILE": "{folder}/garbage.pem"}, "UPSTREAM_CA_FILE"),
+], ids=["unreadable", "not-pem", "broken-pem", "mismatch", "no-key", "encrypted-key", "key-missing",
+        "tls-port-without-cert", "bad-ca-file"])
+def test_a_bad_certificate_stops_start_up_with_one_line(certs, change, variable):
+    (certs.folder / "garbage.pem").write_text("not a certificate\n")
+    (certs.folder / "broken.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    env = relay_env(2, RELAY_TLS_CERT=certs.cert, RELAY_TLS_KEY=certs.key)
+    for key, value in change.items():
+        if value is None:
+            env.pop(key)
+        else:
+            env[key] = value.format(**vars(certs))
+    status, out, err = run_cli(env=env, timeout=10)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    assert variable in lines[0] and "Traceback" not in err and "(_ssl.c" not in err
 
 
 # ===========================================================================
@@ -986,293 +1645,316 @@ def test_the_listener_rebinds_at_once_after_kill_9(upstream, run_relay):
         held.close()
 
 
-# ===========================================================================
-# 3. The queue and the upstream
-# ===========================================================================
-
-
-def test_messages_arrive_at_the_upstream_byte_for_byte(relay, upstream):
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE, to=["bob@example.com", "carol@example.com"])
-    got = upstream.wait_received(1)[0]
-    assert got.data == MESSAGE
-    assert got.sender == "alice@example.com"
-    # 8BITMIME and SMTPUTF8 go upstream only when the client used them.
-    assert "BODY=8BITMIME" not in got.options and "SMTPUTF8" not in got.options
-    assert got.recipients == ["bob@example.com", "carol@example.com"]
-    assert upstream.logins == ["PLAIN"]
-
-
-def test_the_flush_sends_the_whole_queue_in_arrival_order_on_one_connection(make_relay,
-                                                                              upstream):
-    relay = make_relay(DISPATCH_INTERVAL=3600)
-    with client(relay) as smtp:
-        for n in range(5):
-            send_message(smtp, b"Subject: %d\r\n\r\nbody\r\n" % n)
-    assert len(relay.queue) == 5 and upstream.received == []
-    assert relay.flusher.flush()
-    assert [m.data for m in upstream.received] == [b"Subject: %d\r\n\r\nbody\r\n" % n
-                                                   for n in range(5)]
-    assert upstream.handler.connections == 1
-    assert len(relay.queue) == 0
-
-
-def test_a_flush_with_nothing_due_opens_no_connection(make_relay, upstream):
-    relay = make_relay(DISPATCH_INTERVAL=3600)
-    assert relay.flusher.flush()
-    assert upstream.handler.connections == 0
-
-
-def test_the_timer_flushes_every_interval_in_one_batch(make_relay, upstream):
-    arrivals = []
-
-    def on_data(server, session, envelope):
-        arrivals.append(time.monotonic())
-
-    hook(upstream, "DATA", on_data)
-    relay = make_relay(DISPATCH_INTERVAL=1)
-    with client(relay) as smtp:
-        # Send right after a tick, so the next one is a whole interval away.
-        before = relay.metrics.last_flush
-        wait_for(lambda: relay.metrics.last_flush != before, 5, "a tick of the timer")
-        accepted = []
-        for n in range(3):
-            send_message(smtp, b"Subject: %d\r\n\r\nbody\r\n" % n)
-            accepted.append(time.monotonic())
-    assert accepted[-1] - accepted[0] < 0.5, "the client was too slow to test the batch"
-    got = upstream.wait_received(3)
-    assert [m.data for m in got] == [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(3)]
-    assert upstream.handler.connections == 1         # one flush carried all three
-    assert arrivals[0] - accepted[0] >= 0.8          # waited for the interval, not at once
-
-
-def test_the_retry_delay_doubles_from_the_interval_up_to_dispatch_retry_max(make_relay):
-    relay = make_relay(DISPATCH_INTERVAL=1, DISPATCH_RETRY_MAX=100000)
-    assert [relay.flusher.retry_delay(n) for n in range(1, 6)] == [1, 2, 4, 8, 16]
-    capped = make_relay(DISPATCH_INTERVAL=1, DISPATCH_RETRY_MAX=5)
-    assert [capped.flusher.retry_delay(n) for n in range(1, 7)] == [1, 2, 4, 5, 5, 5]
-
-
-def test_upstream_from_replaces_the_envelope_sender(make_relay, upstream):
-    relay = make_relay(UPSTREAM_FROM="noreply@relay.test")
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-    got = upstream.wait_received(1)[0]
-    assert got.sender == "noreply@relay.test" and got.data == MESSAGE
-
-
-def test_upstream_replyto_is_added_only_where_missing(make_relay, upstream):
-    relay = make_relay(UPSTREAM_REPLYTO="admin@relay.test")
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-        send_message(smtp, b"Reply-To: own@example.com\r\nSubject: x\r\n\r\nbody\r\n")
-    first, second = upstream.wait_received(2)
-    head, body = first.data.split(b"\r\n\r\n", 1)
-    assert head.split(b"\r\n").count(b"Reply-To: admin@relay.test") == 1
-    assert first.data.replace(b"Reply-To: admin@relay.test\r\n", b"") == MESSAGE
-    assert second.data == b"Reply-To: own@example.com\r\nSubject: x\r\n\r\nbody\r\n"
-
-
-def test_8bitmime_and_smtputf8_are_passed_on(relay, upstream):
-    with client(relay) as smtp:
-        smtp.sendmail("a@example.com", ["b@example.com"], "Subject: é\r\n\r\nçà\r\n".encode(),
-                      mail_options=["BODY=8BITMIME"])
-    got = upstream.wait_received(1)[0]
-    assert "BODY=8BITMIME" in got.options and got.data == "Subject: é\r\n\r\nçà\r\n".encode()
-
-
-def test_no_auth_is_sent_when_upstream_user_is_unset(make_relay):
-    open_upstream = Upstream(auth=False)
-    try:
-        relay = make_relay(upstream_port=open_upstream.port, UPSTREAM_USER="", UPSTREAM_PASS="")
-        with client(relay) as smtp:
-            send_message(smtp, MESSAGE)
-        open_upstream.wait_received(1)
-        assert open_upstream.logins == []
-    finally:
-        open_upstream.stop()
-
-
-def test_auth_login_is_used_when_the_upstream_offers_only_that(make_relay):
-    login_only = Upstream(auth_exclude_mechanism=["PLAIN"])
-    try:
-        relay = make_relay(upstream_port=login_only.port)
-        with client(relay) as smtp:
-            send_message(smtp, MESSAGE)
-        login_only.wait_received(1)
-        assert login_only.logins == ["LOGIN"]
-    finally:
-        login_only.stop()
-
-
-def test_an_unreachable_upstream_leaves_the_message_queued(refused_port, make_relay, caplog):
-    relay = make_relay(upstream_port=refused_port, DISPATCH_INTERVAL=3600)
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-    assert relay.flusher.flush() is False
-    assert len(relay.queue) == 1
-    assert any("status=deferred" in r.getMessage() for r in caplog.records)
-
-
-def test_a_4xx_for_a_message_leaves_it_queued(make_relay, upstream):
-    relay = make_relay(DISPATCH_INTERVAL=3600)
-    upstream.handler.data_replies.append("451 4.3.0 Try again later")
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-    relay.flusher.flush()
-    assert len(relay.queue) == 1 and upstream.received == []
-    relay.flusher.flush(everything=True)
-    assert len(relay.queue) == 0 and upstream.received[0].data == MESSAGE
-
-
-def test_log_lines_carry_the_queue_id_and_never_a_password(relay, upstream, caplog):
-    caplog.set_level("DEBUG", logger="dispatch")
+def test_past_the_queue_cap_mail_and_a_message_that_would_cross_it_get_452_4_3_1(
+        make_relay, upstream):
+    relay = make_relay(DISPATCH_MAX_QUEUE=1000, DISPATCH_INTERVAL=3600)
     raw = Raw(relay.port)
-    raw.expect(250, b"EHLO client.test\r\n")
-    bad = base64.b64encode(f"\0{USER}\0wrong-password".encode())
-    raw.expect(535, b"AUTH PLAIN " + bad + b"\r\n")
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-    upstream.wait_received(1)
-    wait_for(lambda: any("status=sent" in r.getMessage() for r in caplog.records))
-    text = "\n".join(r.getMessage() for r in caplog.records)
-    accepted = [r.getMessage() for r in caplog.records if "accepted from=" in r.getMessage()]
-    queue_id = accepted[0].split(":")[0]
-    assert accepted[0].startswith(f"{queue_id}: accepted from=<alice@example.com>, nrcpt=1, "
-                                  f"size={len(MESSAGE)}, client=127.0.0.1:")
-    assert f"{queue_id}: to=<bob@example.com>, relay=127.0.0.1:{upstream.port}, status=sent" \
-        " (250 2.0.0 Message accepted)" in text
-    for secret in (PASSWORD, "wrong-password", UPSTREAM_PASS, bad.decode(),
-                   base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()):
-        assert secret not in text
+    raw.login()
+    raw_message(raw, 600, 250)
+    assert raw_message(raw, 600, 452).startswith("452 4.3.1")    # would cross the cap
+    assert (len(relay.queue), relay.queue.bytes) == (1, 600)      # nothing queued touched
+    raw_message(raw, 400, 250)                                    # exactly at the cap
+    assert raw.expect(452, b"MAIL FROM:<a@example.com>\r\n").startswith("452 4.3.1")
+    assert relay.flusher.flush()
+    assert [len(m.data) for m in upstream.received] == [600, 400]
+    raw_message(raw, 600, 250)                                    # room again
 
 
-def test_credentials_are_never_sent_in_cleartext_without_opt_in(make_relay, upstream, caplog):
-    relay = make_relay(UPSTREAM_TLS="starttls", DISPATCH_INTERVAL=3600)
-    with client(relay) as smtp:
-        send_message(smtp, MESSAGE)
-    assert relay.flusher.flush() is False
-    assert upstream.logins == [] and upstream.received == []
-    assert any("does not offer STARTTLS" in r.getMessage() for r in caplog.records)
-    assert len(relay.queue) == 1
+def test_a_session_past_relay_max_connections_gets_421_and_is_closed(make_relay):
+    relay = make_relay(RELAY_MAX_CONNECTIONS=2)
+    first, second = Raw(relay.port), Raw(relay.port)
+    third = Raw(relay.port, greeting=False)
+    assert third.expect(421).startswith("421 4.7.0")
+    assert third.closed()
+    first.expect(221, b"QUIT\r\n")
+    first.close()
 
-# ===========================================================================
-# 3 (continued). Durability: the spool, delivery failures, limits and the drain
-# ===========================================================================
+    def greeted():
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+            return s.recv(3) == b"220"
 
-# Issue 4, "Never lose an accepted message": the spool, delivery failures,
-# the limits and the drain (SPEC sections 1 and 3).
-
-
-# ---------------------------------------------------------------------------
-# Helpers: tokens that identify each message, a spool listing, upstream hooks
-# ---------------------------------------------------------------------------
-
-TOKEN = re.compile(rb"X-Token: (\S+)")
+    wait_for(greeted, what="a free session slot")
+    second.expect(250, b"NOOP\r\n")
 
 
-def token_message(token: str) -> bytes:
-    return (f"From: app@example.com\r\nTo: bob@example.com\r\nSubject: {token}\r\n"
-            f"X-Token: {token}\r\n\r\nbody\r\n").encode()
-
-
-def submit(smtp, token, to=("bob@example.com",)) -> str:
-    """Send one message over a logged-in smtplib session; return its queue ID.
-
-    Raises AssertionError unless the relay answered 250 to its end of data.
-    """
-    code, text = smtp.mail("app@example.com")
-    assert code == 250, text
-    for recipient in to:
-        code, text = smtp.rcpt(recipient)
-        assert code == 250, text
-    code, text = smtp.data(token_message(token))
-    assert code == 250, text
-    return text.decode().rsplit(" ", 1)[1]
-
-
-def raw_message(raw, size, code):
-    """MAIL, RCPT, DATA and a message of exactly `size` bytes; expect `code` at its end."""
+def test_a_client_silent_in_the_middle_of_data_times_out_and_nothing_is_queued(
+        make_relay, upstream):
+    relay = make_relay(RELAY_TIMEOUT="1", DISPATCH_INTERVAL=3600)
+    raw = Raw(relay.port)
+    raw.login()
     raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
     raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
     raw.expect(354, b"DATA\r\n")
-    return raw.expect(code, b"x" * (size - 2) + b"\r\n.\r\n")
-
-
-def token_of(data: bytes) -> str:
-    return TOKEN.search(data).group(1).decode()
-
-
-def tokens(upstream) -> list:
-    """The tokens of the messages the upstream received, in the order received."""
-    return [token_of(m.data) for m in list(upstream.received)]
-
-
-def spooled(spool: Path) -> list:
-    """The message files waiting in the spool (not tmp/ or failed/)."""
-    return sorted(p.name for p in spool.iterdir() if p.is_file())
-
-
-def hook(upstream, command, fn):
-    """Run `fn(server, session, envelope, *args)` for `command` on new upstream
-    connections; a reply it returns is used, None falls through to the default."""
-    default = getattr(upstream.handler, "handle_" + command)
-
-    async def handle(server, session, envelope, *args):
-        reply = fn(server, session, envelope, *args)
-        if reply is not None:
-            return reply
-        return await default(server, session, envelope, *args)
-
-    setattr(upstream.handler, "handle_" + command, handle)
-
-
-def drop_connection(server) -> str:
-    """Close the upstream side at once; the reply returned is never sent."""
-    server.transport.abort()
-    return "554 5.0.0 this reply is never sent"
-
-
-def log_text(caplog) -> str:
-    return "\n".join(record.getMessage() for record in caplog.records)
-
-
-def accepting(port) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def gaps(times):
-    return [later - earlier for earlier, later in zip(times, times[1:])]
-
-
-class AuthRefusingUpstream(Upstream):
-    """An upstream that refuses the relay's AUTH (535) the first `refusals` times,
-    as a provider does until the rotated password is in place; records each try."""
-
-    def __init__(self, refusals, **kwargs):
-        self.refusals = refusals
-        self.auth_times = []
-        super().__init__(**kwargs)
-
-    def authenticate(self, server, session, envelope, mechanism, auth_data):
-        self.auth_times.append(time.monotonic())
-        if len(self.auth_times) <= self.refusals:
-            # handled=False: aiosmtpd itself answers "535 5.7.8 ... invalid".
-            return AuthResult(success=False, handled=False)
-        return super().authenticate(server, session, envelope, mechanism, auth_data)
-
-
-@pytest.fixture
-def spool(tmp_path):
-    return tmp_path / "spool"
+    raw.send(b"Subject: half\r\n\r\nthe first half")
+    assert raw.expect(421).startswith("421 4.4.2")
+    assert raw.closed() and len(relay.queue) == 0
 
 
 # ===========================================================================
-# 3. The queue and the upstream: the spool
+# 2. The client session: STARTTLS, implicit TLS, cleartext
+# ===========================================================================
+
+
+def test_starttls_with_a_verifying_client_then_auth_and_mail_reach_the_upstream(
+        make_relay, upstream, certs):
+    relay = make_relay(**tls_env(certs))
+    with tls_client(relay, certs) as smtp:
+        assert smtp.sock.version() in ("TLSv1.2", "TLSv1.3")
+        send_message(smtp, MESSAGE)
+    assert upstream.wait_received(1)[0].data == MESSAGE
+
+
+def test_ehlo_offers_starttls_and_hides_auth_until_tls_is_on(make_relay, certs):
+    relay = make_relay(**tls_env(certs))
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    expect(sock, 220)
+    before = ehlo_keywords(expect(sock, 250, b"EHLO client.test\r\n"))
+    assert "STARTTLS" in before and not any(k.startswith("AUTH") for k in before)
+    expect(sock, 220, b"STARTTLS\r\n")
+    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
+    after = ehlo_keywords(expect(tls, 250, b"EHLO client.test\r\n"))
+    assert "AUTH PLAIN LOGIN" in after and "STARTTLS" not in after
+    assert set(before) - {"STARTTLS"} == set(after) - {"AUTH PLAIN LOGIN"}
+    tls.close()
+
+
+def test_auth_before_starttls_is_538_and_asks_for_no_password(make_relay, certs):
+    relay = make_relay(**tls_env(certs))
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    expect(sock, 220)
+    expect(sock, 250, b"EHLO client.test\r\n")
+    # Three refusals: a 538 is not a failed password, so no lockout follows.
+    for command in (auth_plain_command(), b"AUTH LOGIN\r\n", b"AUTH PLAIN\r\n"):
+        assert expect(sock, 538, command).startswith("538 5.7.11 ")
+    assert expect(sock, 530, b"MAIL FROM:<alice@example.com>\r\n").startswith("530 5.7.0")
+    expect(sock, 220, b"STARTTLS\r\n")
+    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
+    expect(tls, 250, b"EHLO client.test\r\n")
+    expect(tls, 235, auth_plain_command())
+    tls.close()
+    assert len(relay.queue) == 0
+
+
+@pytest.mark.parametrize("injected", [
+    b"RSET\r\n",
+    b"MAIL FROM:<x@y>\r\n",
+    b"EHLO evil.test\r\n" + auth_plain_command(),
+], ids=["rset", "mail", "ehlo-auth"])
+def test_commands_pipelined_after_starttls_in_cleartext_are_never_run_inside_tls(
+        make_relay, certs, injected):
+    relay = make_relay(**tls_env(certs))
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    expect(sock, 220)
+    expect(sock, 250, b"EHLO client.test\r\n")
+    sock.sendall(b"STARTTLS\r\n" + injected)      # one packet, as an attacker would
+    expect(sock, 220)
+    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
+    first = expect(tls, 250, b"EHLO client.test\r\n")
+    assert first.splitlines()[0] == "250-relay.test", first
+    # The injected AUTH did not log the session in, and no reply is left over.
+    expect(tls, 530, b"MAIL FROM:<alice@example.com>\r\n")
+    assert expect(tls, 221, b"QUIT\r\n").startswith("221 ")
+    tls.close()
+
+
+def test_the_session_forgets_ehlo_and_auth_after_starttls(make_relay, certs):
+    relay = make_relay(**tls_env(certs, RELAY_REQUIRE_TLS=0))
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    expect(sock, 220)
+    before = ehlo_keywords(expect(sock, 250, b"EHLO client.test\r\n"))
+    assert "AUTH PLAIN LOGIN" in before and "STARTTLS" in before   # TLS not required
+    expect(sock, 235, auth_plain_command())
+    expect(sock, 220, b"STARTTLS\r\n")
+    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
+    expect(tls, 530, b"MAIL FROM:<alice@example.com>\r\n")   # not logged in any more
+    expect(tls, 503, auth_plain_command())                    # EHLO forgotten too
+    expect(tls, 250, b"EHLO client.test\r\n")
+    expect(tls, 235, auth_plain_command())
+    expect(tls, 250, b"MAIL FROM:<alice@example.com>\r\n")
+    tls.close()
+
+
+def test_starttls_twice_or_inside_a_transaction_is_503(make_relay, certs):
+    relay = make_relay(**tls_env(certs, RELAY_REQUIRE_TLS=0))
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    expect(sock, 220)
+    expect(sock, 250, b"EHLO client.test\r\n")
+    expect(sock, 235, auth_plain_command())
+    expect(sock, 250, b"MAIL FROM:<alice@example.com>\r\n")
+    assert expect(sock, 503, b"STARTTLS\r\n").startswith("503 5.5.1 ")
+    expect(sock, 501, b"STARTTLS now\r\n")
+    expect(sock, 250, b"RSET\r\n")
+    expect(sock, 220, b"STARTTLS\r\n")
+    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
+    expect(tls, 250, b"EHLO client.test\r\n")
+    assert expect(tls, 503, b"STARTTLS\r\n").startswith("503 5.5.1 ")
+    expect(tls, 250, b"NOOP\r\n")          # still talking TLS: the 503 ended nothing
+    tls.close()
+
+
+def test_quit_inside_tls_ends_with_a_close_notify(make_relay, certs):
+    relay = make_relay(**tls_env(certs))
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    expect(sock, 220)
+    expect(sock, 250, b"EHLO client.test\r\n")
+    expect(sock, 220, b"STARTTLS\r\n")
+    # Strict: a connection cut without close_notify raises SSLEOFError here.
+    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost",
+                                            suppress_ragged_eofs=False)
+    expect(tls, 250, b"EHLO client.test\r\n")
+    expect(tls, 221, b"QUIT\r\n")
+    assert tls.recv(1) == b""
+    tls.close()
+
+
+def test_tls_older_than_1_2_is_refused(make_relay, certs):
+    relay = make_relay(**tls_env(certs))
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    expect(sock, 220)
+    expect(sock, 250, b"EHLO client.test\r\n")
+    expect(sock, 220, b"STARTTLS\r\n")
+    old = client_context(certs)
+    old.minimum_version, old.maximum_version = ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):   # the relay's alert
+        old.wrap_socket(sock, server_hostname="localhost")
+    sock.close()
+
+
+def read_to_eof(sock):
+    """Read until the server closes (a TLS alert may come first); True then."""
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_a_failed_handshake_ends_that_session_only_and_is_logged(make_relay, upstream, certs,
+                                                                   caplog):
+    caplog.set_level("INFO", logger="dispatch")
+    relay = make_relay(**tls_env(certs, RELAY_TLS_PORT=free_port()))
+    tls_port = relay.listeners[1].server_address[1]
+    # A session in the middle of a transaction, and a client silent on the implicit port.
+    good = tls_client(relay, certs)
+    good.mail("alice@example.com")
+    silent = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+    failed_clients = []
+    for garbage in (b"this is not a TLS handshake\r\n\r\n",
+                    b"\x16\x03\x01\x00\x04\xff\xff\xff\xff"):     # a broken ClientHello
+        bad = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+        expect(bad, 220)
+        expect(bad, 250, b"EHLO client.test\r\n")
+        expect(bad, 220, b"STARTTLS\r\n")
+        implicit = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        for sock in (bad, implicit):
+            failed_clients.append("127.0.0.1:%d" % sock.getsockname()[1])
+            sock.sendall(garbage)
+            assert read_to_eof(sock)
+            sock.close()
+    good.rcpt("bob@example.com")
+    good.data(MESSAGE)
+    good.quit()
+    with smtplib.SMTP_SSL("localhost", tls_port, context=client_context(certs),
+                          timeout=10) as smtp:
+        smtp.login(USER, PASSWORD)
+    assert upstream.wait_received(1)[0].data == MESSAGE
+    silent.close()
+    for peer in failed_clients:      # the operator sees which client could not talk TLS
+        assert f"TLS handshake failed: client={peer}, " in log_text(caplog)
+
+
+def test_relay_timeout_holds_inside_tls_and_during_the_handshake(make_relay, certs):
+    relay = make_relay(**tls_env(certs, RELAY_TLS_PORT=free_port(), RELAY_TIMEOUT=1))
+    tls_port = relay.listeners[1].server_address[1]
+    silent = socket.create_connection(("127.0.0.1", tls_port), timeout=10)   # no ClientHello
+    idle = connect_starttls(relay.port, certs)
+    expect(idle, 250, b"EHLO client.test\r\n")
+    assert expect(idle, 421).startswith("421 4.4.2 ")        # said inside TLS
+    assert read_to_eof(silent)
+    wait_for(lambda: relay.connections == 0, what="both session slots to be free")
+    idle.close()
+    silent.close()
+
+
+def test_the_implicit_tls_listener_speaks_tls_from_the_first_byte(make_relay, upstream, certs):
+    relay = make_relay(**tls_env(certs, RELAY_TLS_PORT=free_port()))
+    tls_port = relay.listeners[1].server_address[1]
+    with smtplib.SMTP_SSL("localhost", tls_port, local_hostname="client.test",
+                          context=client_context(certs), timeout=10) as smtp:
+        assert smtp.sock.version() in ("TLSv1.2", "TLSv1.3")
+        keywords = smtp.ehlo()[1].decode().splitlines()[1:]
+        assert "AUTH PLAIN LOGIN" in keywords and "STARTTLS" not in keywords
+        assert smtp.docmd("STARTTLS")[0] == 503
+        smtp.login(USER, PASSWORD)
+        send_message(smtp, MESSAGE)
+    assert upstream.wait_received(1)[0].data == MESSAGE
+    # Cleartext SMTP on that port gets no greeting: the relay waits for a handshake.
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as plain:
+        plain.sendall(b"EHLO client.test\r\n")
+        try:
+            answer = plain.recv(4096)      # a TLS alert, or nothing
+        except ConnectionResetError:
+            answer = b""
+        assert not answer.startswith(b"220")
+
+
+def test_a_real_process_offers_starttls_and_implicit_tls_with_one_certificate(
+        upstream, run_relay, certs):
+    env = relay_env(upstream.port, RELAY_TLS_CERT=certs.cert, RELAY_TLS_KEY=certs.key,
+                    RELAY_TLS_PORT=free_port())
+    process = run_relay(env)
+    with smtplib.SMTP("localhost", process.port, timeout=10) as smtp:
+        smtp.starttls(context=client_context(certs))
+        smtp.login(USER, PASSWORD)
+        send_message(smtp, MESSAGE)
+        starttls_cert = smtp.sock.getpeercert(binary_form=True)
+    with smtplib.SMTP_SSL("localhost", int(env["RELAY_TLS_PORT"]),
+                          context=client_context(certs), timeout=10) as smtp:
+        smtp.login(USER, PASSWORD)
+        assert smtp.sock.getpeercert(binary_form=True) == starttls_cert
+    upstream.wait_received(1)
+    assert "unencrypted" not in process.log()
+
+
+def test_without_a_certificate_the_relay_works_and_warns_once_about_cleartext(
+        make_relay, upstream, caplog):
+    relay = make_relay()
+    for _ in range(2):
+        with client(relay) as smtp:
+            send_message(smtp, MESSAGE)
+    upstream.wait_received(2)
+    warnings = [r for r in caplog.records if "unencrypted" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+def test_with_a_certificate_there_is_no_cleartext_warning(make_relay, certs, caplog):
+    make_relay(**tls_env(certs))
+    assert "unencrypted" not in log_text(caplog)
+
+
+def test_allowing_auth_before_starttls_is_warned_about_once(make_relay, certs, caplog):
+    relay = make_relay(**tls_env(certs, RELAY_REQUIRE_TLS=0))
+    with client(relay):       # AUTH in cleartext works, as asked
+        pass
+    warnings = [r for r in caplog.records if "unencrypted" in r.getMessage()]
+    assert len(warnings) == 1 and "RELAY_REQUIRE_TLS" in warnings[0].getMessage()
+
+
+def test_shutdown_answers_421_inside_tls(make_relay, certs):
+    relay = make_relay(**tls_env(certs))
+    tls = connect_starttls(relay.port, certs)
+    expect(tls, 250, b"EHLO client.test\r\n")
+    drain = threading.Thread(target=relay.drain)
+    drain.start()
+    assert expect(tls, 421).startswith("421 4.3.2 ")
+    drain.join(10)
+    tls.close()
+
+
+# ===========================================================================
+# 3. The queue and its spool
 # ===========================================================================
 
 
@@ -1470,8 +2152,174 @@ def test_a_message_waiting_out_a_long_retry_delay_still_expires_on_time(make_rel
 
 
 # ===========================================================================
-# 3. The queue and the upstream: failures
+# 4. Delivery to the upstream
 # ===========================================================================
+
+
+def test_messages_arrive_at_the_upstream_byte_for_byte(relay, upstream):
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE, to=["bob@example.com", "carol@example.com"])
+    got = upstream.wait_received(1)[0]
+    assert got.data == MESSAGE
+    assert got.sender == "alice@example.com"
+    # 8BITMIME and SMTPUTF8 go upstream only when the client used them.
+    assert "BODY=8BITMIME" not in got.options and "SMTPUTF8" not in got.options
+    assert got.recipients == ["bob@example.com", "carol@example.com"]
+    assert upstream.logins == ["PLAIN"]
+
+
+def test_the_flush_sends_the_whole_queue_in_arrival_order_on_one_connection(make_relay,
+                                                                              upstream):
+    relay = make_relay(DISPATCH_INTERVAL=3600)
+    with client(relay) as smtp:
+        for n in range(5):
+            send_message(smtp, b"Subject: %d\r\n\r\nbody\r\n" % n)
+    assert len(relay.queue) == 5 and upstream.received == []
+    assert relay.flusher.flush()
+    assert [m.data for m in upstream.received] == [b"Subject: %d\r\n\r\nbody\r\n" % n
+                                                   for n in range(5)]
+    assert upstream.handler.connections == 1
+    assert len(relay.queue) == 0
+
+
+def test_a_flush_with_nothing_due_opens_no_connection(make_relay, upstream):
+    relay = make_relay(DISPATCH_INTERVAL=3600)
+    assert relay.flusher.flush()
+    assert upstream.handler.connections == 0
+
+
+def test_the_timer_flushes_every_interval_in_one_batch(make_relay, upstream):
+    arrivals = []
+
+    def on_data(server, session, envelope):
+        arrivals.append(time.monotonic())
+
+    hook(upstream, "DATA", on_data)
+    relay = make_relay(DISPATCH_INTERVAL=1)
+    with client(relay) as smtp:
+        # Send right after a tick, so the next one is a whole interval away.
+        before = relay.metrics.last_flush
+        wait_for(lambda: relay.metrics.last_flush != before, 5, "a tick of the timer")
+        accepted = []
+        for n in range(3):
+            send_message(smtp, b"Subject: %d\r\n\r\nbody\r\n" % n)
+            accepted.append(time.monotonic())
+    assert accepted[-1] - accepted[0] < 0.5, "the client was too slow to test the batch"
+    got = upstream.wait_received(3)
+    assert [m.data for m in got] == [b"Subject: %d\r\n\r\nbody\r\n" % n for n in range(3)]
+    assert upstream.handler.connections == 1         # one flush carried all three
+    assert arrivals[0] - accepted[0] >= 0.8          # waited for the interval, not at once
+
+
+def test_the_retry_delay_doubles_from_the_interval_up_to_dispatch_retry_max(make_relay):
+    relay = make_relay(DISPATCH_INTERVAL=1, DISPATCH_RETRY_MAX=100000)
+    assert [relay.flusher.retry_delay(n) for n in range(1, 6)] == [1, 2, 4, 8, 16]
+    capped = make_relay(DISPATCH_INTERVAL=1, DISPATCH_RETRY_MAX=5)
+    assert [capped.flusher.retry_delay(n) for n in range(1, 7)] == [1, 2, 4, 5, 5, 5]
+
+
+def test_upstream_from_replaces_the_envelope_sender(make_relay, upstream):
+    relay = make_relay(UPSTREAM_FROM="noreply@relay.test")
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+    got = upstream.wait_received(1)[0]
+    assert got.sender == "noreply@relay.test" and got.data == MESSAGE
+
+
+def test_upstream_replyto_is_added_only_where_missing(make_relay, upstream):
+    relay = make_relay(UPSTREAM_REPLYTO="admin@relay.test")
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+        send_message(smtp, b"Reply-To: own@example.com\r\nSubject: x\r\n\r\nbody\r\n")
+    first, second = upstream.wait_received(2)
+    head, body = first.data.split(b"\r\n\r\n", 1)
+    assert head.split(b"\r\n").count(b"Reply-To: admin@relay.test") == 1
+    assert first.data.replace(b"Reply-To: admin@relay.test\r\n", b"") == MESSAGE
+    assert second.data == b"Reply-To: own@example.com\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+def test_8bitmime_and_smtputf8_are_passed_on(relay, upstream):
+    with client(relay) as smtp:
+        smtp.sendmail("a@example.com", ["b@example.com"], "Subject: é\r\n\r\nçà\r\n".encode(),
+                      mail_options=["BODY=8BITMIME"])
+    got = upstream.wait_received(1)[0]
+    assert "BODY=8BITMIME" in got.options and got.data == "Subject: é\r\n\r\nçà\r\n".encode()
+
+
+def test_no_auth_is_sent_when_upstream_user_is_unset(make_relay):
+    open_upstream = Upstream(auth=False)
+    try:
+        relay = make_relay(upstream_port=open_upstream.port, UPSTREAM_USER="", UPSTREAM_PASS="")
+        with client(relay) as smtp:
+            send_message(smtp, MESSAGE)
+        open_upstream.wait_received(1)
+        assert open_upstream.logins == []
+    finally:
+        open_upstream.stop()
+
+
+def test_auth_login_is_used_when_the_upstream_offers_only_that(make_relay):
+    login_only = Upstream(auth_exclude_mechanism=["PLAIN"])
+    try:
+        relay = make_relay(upstream_port=login_only.port)
+        with client(relay) as smtp:
+            send_message(smtp, MESSAGE)
+        login_only.wait_received(1)
+        assert login_only.logins == ["LOGIN"]
+    finally:
+        login_only.stop()
+
+
+def test_an_unreachable_upstream_leaves_the_message_queued(refused_port, make_relay, caplog):
+    relay = make_relay(upstream_port=refused_port, DISPATCH_INTERVAL=3600)
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+    assert relay.flusher.flush() is False
+    assert len(relay.queue) == 1
+    assert any("status=deferred" in r.getMessage() for r in caplog.records)
+
+
+def test_a_4xx_for_a_message_leaves_it_queued(make_relay, upstream):
+    relay = make_relay(DISPATCH_INTERVAL=3600)
+    upstream.handler.data_replies.append("451 4.3.0 Try again later")
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+    relay.flusher.flush()
+    assert len(relay.queue) == 1 and upstream.received == []
+    relay.flusher.flush(everything=True)
+    assert len(relay.queue) == 0 and upstream.received[0].data == MESSAGE
+
+
+def test_log_lines_carry_the_queue_id_and_never_a_password(relay, upstream, caplog):
+    caplog.set_level("DEBUG", logger="dispatch")
+    raw = Raw(relay.port)
+    raw.expect(250, b"EHLO client.test\r\n")
+    bad = base64.b64encode(f"\0{USER}\0wrong-password".encode())
+    raw.expect(535, b"AUTH PLAIN " + bad + b"\r\n")
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+    upstream.wait_received(1)
+    wait_for(lambda: any("status=sent" in r.getMessage() for r in caplog.records))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    accepted = [r.getMessage() for r in caplog.records if "accepted from=" in r.getMessage()]
+    queue_id = accepted[0].split(":")[0]
+    assert accepted[0].startswith(f"{queue_id}: accepted from=<alice@example.com>, nrcpt=1, "
+                                  f"size={len(MESSAGE)}, client=127.0.0.1:")
+    assert f"{queue_id}: to=<bob@example.com>, relay=127.0.0.1:{upstream.port}, status=sent" \
+        " (250 2.0.0 Message accepted)" in text
+    for secret in (PASSWORD, "wrong-password", UPSTREAM_PASS, bad.decode(),
+                   base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()):
+        assert secret not in text
+
+
+def test_credentials_are_never_sent_in_cleartext_without_opt_in(make_relay, upstream, caplog):
+    relay = make_relay(UPSTREAM_TLS="starttls", DISPATCH_INTERVAL=3600)
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+    assert relay.flusher.flush() is False
+    assert upstream.logins == [] and upstream.received == []
+    assert any("does not offer STARTTLS" in r.getMessage() for r in caplog.records)
+    assert len(relay.queue) == 1
 
 
 def test_an_upstream_refusing_auth_with_535_loses_nothing_and_the_retry_backs_off(run_relay):
@@ -1611,935 +2459,12 @@ def test_an_upstream_taking_no_message_on_any_connection_backs_off_like_a_failed
 
 
 # ===========================================================================
-# 3. The queue and the upstream: limits
+# 4. Delivery to the upstream: the pipelined flush keeps order and outcomes (RFC 2920)
 # ===========================================================================
 
 
-def test_past_the_queue_cap_mail_and_a_message_that_would_cross_it_get_452_4_3_1(
-        make_relay, upstream):
-    relay = make_relay(DISPATCH_MAX_QUEUE=1000, DISPATCH_INTERVAL=3600)
-    raw = Raw(relay.port)
-    raw.login()
-    raw_message(raw, 600, 250)
-    assert raw_message(raw, 600, 452).startswith("452 4.3.1")    # would cross the cap
-    assert (len(relay.queue), relay.queue.bytes) == (1, 600)      # nothing queued touched
-    raw_message(raw, 400, 250)                                    # exactly at the cap
-    assert raw.expect(452, b"MAIL FROM:<a@example.com>\r\n").startswith("452 4.3.1")
-    assert relay.flusher.flush()
-    assert [len(m.data) for m in upstream.received] == [600, 400]
-    raw_message(raw, 600, 250)                                    # room again
-
-
-def test_a_session_past_relay_max_connections_gets_421_and_is_closed(make_relay):
-    relay = make_relay(RELAY_MAX_CONNECTIONS=2)
-    first, second = Raw(relay.port), Raw(relay.port)
-    third = Raw(relay.port, greeting=False)
-    assert third.expect(421).startswith("421 4.7.0")
-    assert third.closed()
-    first.expect(221, b"QUIT\r\n")
-    first.close()
-
-    def greeted():
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
-            return s.recv(3) == b"220"
-
-    wait_for(greeted, what="a free session slot")
-    second.expect(250, b"NOOP\r\n")
-
-
-def test_a_client_silent_in_the_middle_of_data_times_out_and_nothing_is_queued(
-        make_relay, upstream):
-    relay = make_relay(RELAY_TIMEOUT="1", DISPATCH_INTERVAL=3600)
-    raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
-    raw.send(b"Subject: half\r\n\r\nthe first half")
-    assert raw.expect(421).startswith("421 4.4.2")
-    assert raw.closed() and len(relay.queue) == 0
-
-
-# ===========================================================================
-# 6. The life cycle: SIGTERM and SIGINT
-# ===========================================================================
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_sends_queued_mail_in_a_last_flush_and_exits_0(upstream, run_relay,
-                                                                       signum):
-    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
-                                  DISPATCH_DRAIN_TIMEOUT=5))
-    with client(process) as smtp:
-        for n in range(3):
-            submit(smtp, f"queued-{n}")
-    assert upstream.received == []
-    started = time.monotonic()
-    process.signal(signum)
-    assert process.wait(10) == 0
-    assert time.monotonic() - started < 5
-    assert tokens(upstream) == ["queued-0", "queued-1", "queued-2"]
-    assert "lost" not in process.log()
-
-
-def test_without_a_spool_no_250_comes_after_the_last_flush_has_begun(make_relay, upstream):
-    relay = make_relay(DISPATCH_INTERVAL=3600)
-    late = Raw(relay.port)
-    late.login()
-    late.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    late.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    late.expect(354, b"DATA\r\n")
-    relay.flusher.stop(time.monotonic() + 5)    # what a drain does once DATA's share is up
-    assert late.expect(421, b"Subject: late\r\n\r\nx\r\n.\r\n").startswith("421 4.3.2")
-    relay.flusher.join(5)
-    assert len(relay.queue) == 0 and upstream.received == []
-
-
-def test_sigterm_lets_a_message_in_data_finish_with_its_250_and_tells_idle_sessions_421(
-        upstream, run_relay):
-    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600))
-    idle = Raw(process.port)
-    idle.login()
-    busy = Raw(process.port)
-    busy.login()
-    busy.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    busy.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    busy.expect(354, b"DATA\r\n")
-    busy.send(b"X-Token: in-data\r\n\r\nthe first half, ")
-    process.signal(signal.SIGTERM)
-    assert idle.expect(421).startswith("421 4.3.2")
-    assert idle.closed()
-    wait_for(lambda: not accepting(process.port), what="the listener to close")
-    busy.send(b"and the second half\r\n.\r\n")
-    assert "queued as" in busy.expect(250)
-    assert busy.expect(421).startswith("421 4.3.2")
-    assert process.wait(10) == 0
-    assert tokens(upstream) == ["in-data"]
-
-
-def test_sigterm_with_the_upstream_down_exits_0_in_time_and_logs_how_many_are_lost(
-        refused_port, run_relay):
-    process = run_relay(relay_env(refused_port, DISPATCH_INTERVAL=3600,
-                                  DISPATCH_DRAIN_TIMEOUT=2))
-    with client(process) as smtp:
-        submit(smtp, "lost-1")
-        submit(smtp, "lost-2")
-    started = time.monotonic()
-    process.signal(signal.SIGTERM)
-    assert process.wait(10) == 0
-    assert time.monotonic() - started < 4             # twice DISPATCH_DRAIN_TIMEOUT
-    messages = [line.split("]: ", 1)[-1] for line in process.log().splitlines()]
-    assert [m for m in messages if "lost" in m and re.search(r"\b2\b", m)], messages
-
-
-def test_sigterm_with_a_spool_keeps_undelivered_mail_for_the_next_start(run_relay, spool):
-    provider = Upstream()
-    port = provider.port
-    provider.stop()                                 # the upstream is down
-    env = relay_env(port, DISPATCH_SPOOL=spool, DISPATCH_INTERVAL=3600,
-                    DISPATCH_DRAIN_TIMEOUT=2)
-    first = run_relay(env)
-    with client(first) as smtp:
-        submit(smtp, "kept-1")
-        submit(smtp, "kept-2")
-    first.signal(signal.SIGTERM)
-    assert first.wait(10) == 0
-    assert len(spooled(spool)) == 2 and "lost" not in first.log()
-    provider = Upstream(port=port)                  # the upstream is back, on its port
-    try:
-        run_relay(dict(env, DISPATCH_INTERVAL="0"))
-        provider.wait_received(2)
-        wait_for(lambda: spooled(spool) == [], what="the spool to empty")
-        assert tokens(provider) == ["kept-1", "kept-2"]
-    finally:
-        provider.stop()
-
-
-def test_sigterm_exits_0_within_the_drain_timeout_even_with_a_client_stuck_in_data(
-        upstream, run_relay):
-    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
-                                  DISPATCH_DRAIN_TIMEOUT=1))
-    stuck = Raw(process.port)
-    stuck.login()
-    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    stuck.expect(354, b"DATA\r\n")
-    stuck.send(b"Subject: never finished\r\n\r\n")
-    started = time.monotonic()
-    process.signal(signal.SIGTERM)
-    assert process.wait(10) == 0
-    assert time.monotonic() - started < 2
-    assert stuck.reply()[0] in (None, 421)          # never a 250: the message is not ours
-    assert upstream.received == []
-
-
-def test_a_client_stuck_in_data_leaves_the_last_flush_its_share_of_the_drain(upstream,
-                                                                              run_relay):
-    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
-                                  DISPATCH_DRAIN_TIMEOUT=2))
-    with client(process) as smtp:
-        submit(smtp, "queued-before-the-stop")
-    stuck = Raw(process.port)
-    stuck.login()
-    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    stuck.expect(354, b"DATA\r\n")
-    stuck.send(b"Subject: never finished\r\n\r\n")
-    process.signal(signal.SIGTERM)
-    assert process.wait(10) == 0
-    assert tokens(upstream) == ["queued-before-the-stop"]
-    assert "lost" not in process.log()
-
-
-# ===========================================================================
-# Load: many clients at once
-# ===========================================================================
-
-
-def test_500_messages_from_20_concurrent_clients_arrive_exactly_once(upstream, run_relay,
-                                                                     spool):
-    process = run_relay(relay_env(upstream.port, DISPATCH_SPOOL=spool, DISPATCH_INTERVAL=0))
-    start = threading.Barrier(20)
-    queue_ids, errors = [], []
-
-    def sender(k):
-        try:
-            with client(process) as smtp:
-                start.wait(10)
-                for n in range(25):
-                    queue_ids.append(submit(smtp, f"c{k:02d}-{n:02d}"))
-        except (OSError, smtplib.SMTPException, AssertionError,
-                threading.BrokenBarrierError) as exc:     # reported below, with the counts
-            errors.append(repr(exc))
-
-    threads = [threading.Thread(target=sender, args=(k,)) for k in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    upstream.wait_received(500, timeout=30)
-    wait_for(lambda: spooled(spool) == [], what="the spool to empty")
-    received = collections.Counter(tokens(upstream))
-    print(f"\nconcurrency: 20 clients x 25 = 500 sent, {len(queue_ids)} acknowledged, "
-          f"{sum(received.values())} received, {len(received)} distinct, errors: {errors}")
-    assert errors == [] and len(set(queue_ids)) == 500
-    assert sorted(received) == sorted(f"c{k:02d}-{n:02d}" for k in range(20) for n in range(25))
-    assert set(received.values()) == {1}
-    for k in range(20):                             # each client's mail in its order
-        mine = [t for t in tokens(upstream) if t.startswith(f"c{k:02d}-")]
-        assert mine == sorted(mine)
-
-
-# ===========================================================================
-# 4 and 5. The pipelined flush, health and metrics
-# ===========================================================================
-
-# Health, metrics (SPEC section 5) and the pipelined flush (SPEC section 3, RFC 2920).
-#
-# Everything runs on real sockets on 127.0.0.1: an in-process relay (or a real
-# `dispatch.py` process), aiosmtpd as the upstream, HTTP for /healthz and
-# /metrics, parsed as strictly as Prometheus parses its text format 0.0.4.
-
-
-# ---------------------------------------------------------------------------
-# A strict parser for the Prometheus text exposition format (version 0.0.4)
-# ---------------------------------------------------------------------------
-
-METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?Inf|NaN")
-BLANKS = re.compile(r"[ \t]+")
-TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
-SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
-
-
-@dataclass
-class Family:
-    name: str
-    type: str = None
-    help: str = None
-    samples: dict = field(default_factory=dict)   # (sample name, labels) -> value
-
-
-class ExpositionError(AssertionError):
-    pass
-
-
-def _unescape(text, allowed, number, line):
-    out, chars = [], iter(text)
-    for char in chars:
-        if char != "\\":
-            out.append(char)
-            continue
-        escaped = next(chars, "")
-        if escaped not in allowed:
-            raise ExpositionError(f"line {number}: bad escape \\{escaped}: {line!r}")
-        out.append(allowed[escaped])
-    return "".join(out)
-
-
-def _labels(line, pos, number):
-    """Parse `{name="value",...}` from line[pos]; return (labels, position after it)."""
-    labels = {}
-    pos += 1
-    while True:
-        if line[pos:pos + 1] == "}":
-            return labels, pos + 1
-        match = LABEL_NAME.match(line, pos)
-        if not match or line[match.end():match.end() + 2] != '="':
-            raise ExpositionError(f"line {number}: bad label at column {pos}: {line!r}")
-        name = match.group()
-        if name.startswith("__") or name in labels:
-            raise ExpositionError(f"line {number}: reserved or repeated label {name}: {line!r}")
-        pos = match.end() + 2
-        raw = []
-        while True:
-            if pos >= len(line):
-                raise ExpositionError(f"line {number}: unterminated label value: {line!r}")
-            char = line[pos]
-            if char == '"':
-                break
-            if char == "\\":
-                raw.append(line[pos:pos + 2])
-                pos += 2
-            else:
-                raw.append(char)
-                pos += 1
-        labels[name] = _unescape("".join(raw), {"\\": "\\", '"': '"', "n": "\n"}, number, line)
-        pos += 1
-        if line[pos:pos + 1] == ",":
-            pos += 1
-        elif line[pos:pos + 1] != "}":
-            raise ExpositionError(f"line {number}: expected , or }} after a label: {line!r}")
-
-
-def parse_exposition(text):
-    """Parse a /metrics body as Prometheus does, failing on anything it would reject.
-
-    Also holds Dispatch to the conventions the brief asks for: every sample's
-    metric has `# HELP` and `# TYPE` before it, and counters end in `_total`.
-    Returns {family name: Family}.
-    """
-    if not text.endswith("\n"):
-        raise ExpositionError("the exposition must end with a line feed")
-    families = {}
-    finished = set()
-    current = None
-
-    def enter(name, number, line):
-        nonlocal current
-        if name != current:
-            if name in finished:
-                raise ExpositionError(f"line {number}: lines of {name} are not one group")
-            if current is not None:
-                finished.add(current)
-            current = name
-        return families.setdefault(name, Family(name))
-
-    for number, line in enumerate(text[:-1].split("\n"), 1):
-        if not line.strip():
-            continue
-        if line.startswith("#"):
-            parts = BLANKS.split(line.rstrip(" \t"), 3) if line.startswith("# ") else []
-            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                if not METRIC_NAME.fullmatch(parts[2]):
-                    raise ExpositionError(f"line {number}: bad metric name: {line!r}")
-                family = enter(parts[2], number, line)
-                rest = parts[3] if len(parts) > 3 else ""
-                if parts[1] == "HELP":
-                    if family.help is not None:
-                        raise ExpositionError(f"line {number}: second HELP: {line!r}")
-                    family.help = _unescape(rest, {"\\": "\\", "n": "\n"}, number, line)
-                else:
-                    if family.type is not None or family.samples:
-                        raise ExpositionError(f"line {number}: TYPE repeated or late: {line!r}")
-                    if rest not in TYPES:
-                        raise ExpositionError(f"line {number}: unknown type: {line!r}")
-                    family.type = rest
-            continue          # any other comment
-        match = METRIC_NAME.match(line)
-        if not match:
-            raise ExpositionError(f"line {number}: bad metric name: {line!r}")
-        name, pos = match.group(), match.end()
-        labels = {}
-        if line[pos:pos + 1] == "{":
-            labels, pos = _labels(line, pos, number)
-        fields = BLANKS.split(line[pos:].strip(" \t"))
-        if not BLANKS.match(line, pos) or len(fields) not in (1, 2):
-            raise ExpositionError(f"line {number}: expected ' value [timestamp]': {line!r}")
-        if not FLOAT.fullmatch(fields[0]) or (len(fields) == 2 and
-                                              not re.fullmatch(r"-?\d+", fields[1])):
-            raise ExpositionError(f"line {number}: bad value or timestamp: {line!r}")
-        value = float(fields[0].replace("Inf", "inf"))
-        candidates = [name] + [name[:-len(s)] for s in ("_bucket", "_sum", "_count")
-                               if name.endswith(s)]
-        family = next((families[c] for c in candidates if c in families
-                       and (c == name or name[len(c):] in SUFFIXES.get(families[c].type, ()))),
-                      None)
-        if family is None or family.type is None or family.help is None:
-            raise ExpositionError(f"line {number}: sample without HELP and TYPE before it: "
-                                  f"{line!r}")
-        enter(family.name, number, line)
-        key = (name, tuple(sorted(labels.items())))
-        if key in family.samples:
-            raise ExpositionError(f"line {number}: repeated sample: {line!r}")
-        if family.type == "counter":
-            if not name.endswith("_total"):
-                raise ExpositionError(f"line {number}: a counter's name ends in _total: {line!r}")
-            if math.isnan(value) or value < 0:
-                raise ExpositionError(f"line {number}: a counter is never negative: {line!r}")
-        family.samples[key] = value
-    return families
-
-
-# ---------------------------------------------------------------------------
-# Helpers: HTTP, scraping, a scriptable upstream, a recording proxy
-# ---------------------------------------------------------------------------
-
-SPEC_COUNTERS = ("dispatch_messages_accepted_total", "dispatch_messages_sent_total",
-                 "dispatch_messages_deferred_total", "dispatch_messages_failed_total",
-                 "dispatch_messages_refused_total", "dispatch_auth_failures_total",
-                 "dispatch_flush_failures_total")
-SPEC_GAUGES = ("dispatch_queue_messages", "dispatch_queue_bytes",
-               "dispatch_queue_oldest_age_seconds", "dispatch_last_flush_timestamp_seconds",
-               "dispatch_last_flush_duration_seconds", "dispatch_sessions_open")
-
-
-def http_get(port, path, host="127.0.0.1"):
-    """(status, content type, body) of a real HTTP GET."""
-    connection = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return (response.status, response.getheader("Content-Type", ""),
-                response.read().decode("utf-8"))
-    finally:
-        connection.close()
-
-
-class Scrape(dict):
-    """Parsed /metrics: {family name: Family}; `scrape["name"]` is an unlabelled sample."""
-
-    def value(self, name, **labels):
-        return super().__getitem__(name).samples[(name, tuple(sorted(labels.items())))]
-
-    def __getitem__(self, name):
-        return self.value(name)
-
-
-def scrape(port, host="127.0.0.1"):
-    status, kind, body = http_get(port, "/metrics", host)
-    assert status == 200, body
-    assert kind.split(";")[0].strip() == "text/plain" and "version=0.0.4" in kind, kind
-    return Scrape(parse_exposition(body))
-
-
-def metrics_port(relay):
-    return relay.metrics_server.server_address[1]
-
-
-def relay_scrape(relay):
-    return scrape(metrics_port(relay))
-
-
-def healthz(relay_or_port, host="127.0.0.1"):
-    port = relay_or_port if isinstance(relay_or_port, int) else metrics_port(relay_or_port)
-    status, kind, body = http_get(port, "/healthz", host)
-    return status, body
-
-
-SILENT = object()      # drop the connection instead of replying
-
-
-class Script:
-    """Make the aiosmtpd upstream misbehave once for a given sender (at MAIL), recipient
-    (at RCPT) or subject (at the end of data): answer `reply` (None: as usual), then
-    maybe close the connection; `SILENT` closes it without any reply.  Each rule is
-    used once, so a retry on a new connection goes through."""
-
-    def __init__(self, upstream):
-        self.mail, self.rcpt, self.data = {}, {}, {}
-        handler = upstream.handler
-        handler.handle_MAIL = self._hook(handler.handle_MAIL, self.mail,
-                                         lambda envelope, args: args[0])
-        handler.handle_RCPT = self._hook(handler.handle_RCPT, self.rcpt,
-                                         lambda envelope, args: args[0])
-        handler.handle_DATA = self._hook(handler.handle_DATA, self.data,
-                                         lambda envelope, args: subject(envelope.original_content))
-
-    def on_mail(self, sender, reply=None, close=False):
-        self.mail[sender] = (reply, close)
-
-    def on_rcpt(self, recipient, reply=None, close=False):
-        self.rcpt[recipient] = (reply, close)
-
-    def on_data(self, subject_text, reply=None, close=False):
-        self.data[subject_text] = (reply, close)
-
-    @staticmethod
-    def _hook(original, rules, key):
-        async def hook(server, session, envelope, *args):
-            rule = rules.pop(key(envelope, args), None)
-            if rule is None:
-                return await original(server, session, envelope, *args)
-            reply, close = rule
-            if reply is SILENT:
-                server.transport.close()
-                return "250 never sent: the connection is closed"
-            if reply is None:
-                reply = await original(server, session, envelope, *args)
-            if not close:
-                return reply
-            # Hang up right after this reply, before reading anything pipelined after it.
-            await server.push(reply)
-            server.transport.close()
-            return "250 never sent: the connection is closed"
-        return hook
-
-
-def subject(data):
-    match = re.search(rb"(?m)^Subject: (.*?)\r?$", data or b"")
-    return match.group(1).decode() if match else None
-
-
-def subjects(upstream):
-    return [subject(m.data) for m in upstream.received]
-
-
-def queue_mail(relay, *messages):
-    """Send (subject, recipients) pairs through the relay, sender s<subject>@example.com."""
-    with client(relay) as smtp:
-        for name, recipients in messages:
-            send_message(smtp, b"Subject: %s\r\n\r\nbody of %s\r\n" % (name.encode(),
-                                                                        name.encode()),
-                         sender=f"s-{name}@example.com", to=recipients)
-    assert len(relay.queue) >= len(messages)
-
-
-def batch(*names):
-    return [(name, ["rcpt@example.com"]) for name in names]
-
-
-class RecordingProxy:
-    """A TCP proxy in front of the upstream that records every read from the relay,
-    one list of chunks per connection: the writes the relay made, as they arrived."""
-
-    def __init__(self, target_port):
-        self.connections = []
-        proxy = self
-
-        class Pipe(socketserver.BaseRequestHandler):
-            def handle(self):
-                chunks = []
-                proxy.connections.append(chunks)
-                with socket.create_connection(("127.0.0.1", target_port), timeout=10) as far:
-                    back = threading.Thread(target=self.copy, args=(far, self.request),
-                                            daemon=True)
-                    back.start()
-                    self.copy(self.request, far, chunks)
-                    back.join(10)
-
-            @staticmethod
-            def copy(source, target, chunks=None):
-                try:
-                    while True:
-                        data = source.recv(65536)
-                        if not data:
-                            break
-                        if chunks is not None:
-                            chunks.append(data)
-                        target.sendall(data)
-                except OSError:
-                    pass
-                try:
-                    target.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Pipe)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def metrics_relay(make_relay):
-    """An in-process relay with its metrics port on, flushed by hand."""
-    def make(upstream_port=None, **overrides):
-        overrides.setdefault("DISPATCH_INTERVAL", 3600)
-        return make_relay(upstream_port, DISPATCH_METRICS_PORT=free_port(), **overrides)
-    return make
-
-
-@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
-def provider(request):
-    """The upstream, with and without PIPELINING: every outcome must be the same."""
-    server = Upstream(pipelining=request.param)
-    yield server
-    server.stop()
-
-
-def assert_monotonic(before, after):
-    """Counters never go down while the process lives."""
-    for name, family in before.items():
-        if family.type == "counter":
-            for key, value in family.samples.items():
-                assert dict.get(after, name).samples.get(key, 0) >= value, (key, value)
-
-
-# ===========================================================================
-# The parser itself: it must reject what Prometheus rejects
-# ===========================================================================
-
-
-@pytest.mark.parametrize("body", [
-    "# HELP a_total x\n# TYPE a_total counter\na_total 1",                  # no final LF
-    "a_total 1\n",                                                           # no HELP/TYPE
-    "# TYPE a_total counter\na_total 1\n",                                   # no HELP
-    "# HELP a_total x\na_total 1\n",                                         # no TYPE
-    "# HELP a_total x\n# TYPE a_total counter\na_total 1\n# TYPE a_total counter\n",
-    "# HELP 1a x\n# TYPE 1a gauge\n1a 1\n",                                  # bad name
-    "# HELP a x\n# TYPE a gauge\na{1x=\"v\"} 1\n",                           # bad label name
-    "# HELP a x\n# TYPE a gauge\na{x=v} 1\n",                                # unquoted value
-    "# HELP a x\n# TYPE a gauge\na{x=\"a\"b\"} 1\n",                         # unescaped quote
-    "# HELP a x\n# TYPE a gauge\na{x=\"\\q\"} 1\n",                          # bad escape
-    "# HELP a x\n# TYPE a gauge\na{x=\"v\"} 1\na{x=\"v\"} 2\n",              # repeated
-    "# HELP a x\n# TYPE a gauge\na one\n",                                   # bad value
-    "# HELP a x\n# TYPE a gauge\na 1.7e+09x\n",
-    "# HELP a x\n# TYPE a gauge\n# HELP b x\n# TYPE b gauge\nb 1\na 1\n",    # split group
-    "# HELP a x\n# TYPE a counter\na 1\n",                                   # no _total
-    "# HELP a x\n# TYPE a wibble\na 1\n",                                    # unknown type
-], ids=["no-final-lf", "no-help-or-type", "no-help", "no-type", "type-twice", "bad-name",
-        "bad-label-name", "unquoted-label", "unescaped-quote", "bad-escape", "repeated-sample",
-        "bad-value", "trailing-junk", "split-group", "counter-without-total", "unknown-type"])
-def test_the_exposition_parser_rejects_what_prometheus_rejects(body):
-    with pytest.raises(ExpositionError):
-        parse_exposition(body)
-
-
-def test_the_exposition_parser_accepts_valid_text_with_escapes_and_empty_families():
-    families = parse_exposition(
-        "# HELP a_total with \\\\ and \\n\n# TYPE a_total counter\n"
-        'a_total{k="q\\"b\\\\n\\n",j="2",} 3 1700000000000\n\n'
-        "# HELP e_total nothing yet\n# TYPE e_total counter\n"
-        "# HELP g x\n# TYPE g gauge\ng -Inf\n# a comment\n")
-    assert families["a_total"].help == "with \\ and \n"
-    assert families["a_total"].samples == {("a_total", (("j", "2"), ("k", 'q"b\\n\n'))): 3.0}
-    assert families["e_total"].samples == {} and families["g"].samples[("g", ())] == -math.inf
-
-
-# ===========================================================================
-# 5. /metrics
-# ===========================================================================
-
-
-def test_metrics_is_valid_prometheus_text_with_every_name_the_spec_lists(metrics_relay):
-    relay = metrics_relay()
-    status, kind, body = http_get(metrics_port(relay), "/metrics")
-    assert status == 200 and kind.startswith("text/plain; version=0.0.4")
-    families = parse_exposition(body)
-    for name in SPEC_COUNTERS:
-        assert families[name].type == "counter", name
-        assert families[name].help, name
-    for name in SPEC_GAUGES:
-        assert families[name].type == "gauge", name
-        assert list(families[name].samples) == [(name, ())], name    # one unlabelled sample
-    for name in SPEC_COUNTERS:
-        if name != "dispatch_messages_refused_total":
-            assert families[name].samples == {(name, ()): 0.0}, name
-    # Every sample of the refusals counter carries exactly one label, reason.
-    assert all([k for k, _ in labels] == ["reason"]
-               for _, labels in families["dispatch_messages_refused_total"].samples)
-    assert all(name.startswith("dispatch_") for name in families)
-
-
-def test_refusal_reasons_are_exported_at_zero_before_the_first_refusal(metrics_relay):
-    # A series that appears only with the first refusal is invisible to rate() and
-    # increase() for that first refusal: known label values start at 0.
-    metrics = relay_scrape(metrics_relay())
-    for reason in ("auth", "auth_required", "size", "queue_full", "recipients", "connections"):
-        assert metrics.value("dispatch_messages_refused_total", reason=reason) == 0, reason
-
-
-def test_accepted_sent_deferred_and_failed_counters_follow_real_mail(metrics_relay, upstream):
-    relay = metrics_relay()
-    script = Script(upstream)
-    script.on_data("one", "451 4.3.0 Try again later")
-    script.on_data("two", "550 5.7.1 Refused by policy")
-    start = relay_scrape(relay)
-    assert [start[n] for n in ("dispatch_messages_accepted_total", "dispatch_queue_messages",
-                               "dispatch_last_flush_timestamp_seconds")] == [0, 0, 0]
-    queue_mail(relay, *batch("one", "two", "three"))
-    queued = relay_scrape(relay)
-    assert queued["dispatch_messages_accepted_total"] == 3
-    assert queued["dispatch_queue_messages"] == 3
-    assert queued["dispatch_queue_bytes"] == sum(len(m.data) for m in relay.queue.messages)
-    assert queued["dispatch_queue_bytes"] > 0
-    assert 0 <= queued["dispatch_queue_oldest_age_seconds"] < 60
-    assert queued["dispatch_messages_sent_total"] == 0
-
-    before = time.time()
-    assert relay.flusher.flush() is True
-    after = time.time()
-    flushed = relay_scrape(relay)
-    assert subjects(upstream) == ["three"]
-    assert flushed["dispatch_messages_sent_total"] == 1
-    assert flushed["dispatch_messages_deferred_total"] == 1        # "one": 451
-    assert flushed["dispatch_messages_failed_total"] == 1          # "two": 550
-    assert flushed["dispatch_flush_failures_total"] == 0           # a message's fault only
-    assert flushed["dispatch_queue_messages"] == 1
-    assert flushed["dispatch_queue_bytes"] == len(relay.queue.messages[0].data)
-    assert flushed["dispatch_messages_accepted_total"] == 3
-    assert before <= flushed["dispatch_last_flush_timestamp_seconds"] <= after
-    assert_monotonic(queued, flushed)
-
-    assert relay.flusher.flush(everything=True) is True             # "one" goes this time
-    final = relay_scrape(relay)
-    assert subjects(upstream) == ["three", "one"]
-    assert [final[n] for n in ("dispatch_messages_sent_total", "dispatch_messages_deferred_total",
-                               "dispatch_messages_failed_total", "dispatch_queue_messages",
-                               "dispatch_queue_bytes", "dispatch_queue_oldest_age_seconds")] \
-        == [2, 1, 1, 0, 0, 0]
-    assert_monotonic(flushed, final)
-
-
-def test_last_flush_time_and_duration_are_exported_at_full_precision(metrics_relay, upstream):
-    relay = metrics_relay()
-    queue_mail(relay, *batch("one"))
-    before = time.time()
-    relay.flusher.flush()
-    after = time.time()
-    upstream.wait_received(1)
-    metrics = relay_scrape(relay)
-    # A Unix time printed with 6 significant digits ("1.76e+09") is hours off.
-    assert before <= metrics["dispatch_last_flush_timestamp_seconds"] <= after
-    assert 0 < metrics["dispatch_last_flush_duration_seconds"] <= after - before
-
-
-def test_refusals_are_counted_by_reason_auth_size_and_queue_full(metrics_relay):
-    relay = metrics_relay(RELAY_MAX_SIZE=1000, DISPATCH_MAX_QUEUE=1500)
-    refused = lambda metrics, reason: metrics.value(  # noqa: E731
-        "dispatch_messages_refused_total", reason=reason)
-    raw = Raw(relay.port)
-    raw.expect(250, b"EHLO client.test\r\n")
-    raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(535, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()) + b"\r\n")
-    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-               + b"\r\n")
-    metrics = relay_scrape(relay)
-    assert metrics["dispatch_auth_failures_total"] == 1
-    assert refused(metrics, "auth") == 1 and refused(metrics, "auth_required") == 1
-    assert refused(metrics, "size") == 0 and refused(metrics, "queue_full") == 0
-
-    def transaction(size):
-        raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-        raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-        raw.expect(354, b"DATA\r\n")
-        raw.send(b"x" * (size - 2) + b"\r\n.\r\n")
-        return raw.reply()[1]
-
-    raw.expect(552, b"MAIL FROM:<a@example.com> SIZE=5000\r\n")      # declared too big
-    assert transaction(1200).startswith("552 5.3.4")                    # too big in fact
-    assert refused(relay_scrape(relay), "size") == 2
-    assert transaction(900).startswith("250 ")
-    assert transaction(700).startswith("452 4.3.1")      # 900 + 700 would cross 1500
-    assert transaction(600).startswith("250 ")           # 1500 exactly: full now
-    raw.expect(452, b"MAIL FROM:<a@example.com>\r\n")
-    metrics = relay_scrape(relay)
-    assert refused(metrics, "queue_full") == 2
-    assert metrics["dispatch_messages_accepted_total"] == 2
-    assert metrics["dispatch_queue_bytes"] == 1500
-    assert (metrics["dispatch_auth_failures_total"], refused(metrics, "auth"),
-            refused(metrics, "size")) == (1, 1, 2)
-
-
-def test_refusals_are_counted_by_reason_recipients_and_connections(metrics_relay):
-    relay = metrics_relay(RELAY_MAX_RECIPIENTS=1, RELAY_MAX_CONNECTIONS=1)
-    refused = lambda reason: relay_scrape(relay).value(  # noqa: E731
-        "dispatch_messages_refused_total", reason=reason)
-    raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b1@example.com>\r\n")
-    raw.expect(452, b"RCPT TO:<b2@example.com>\r\n")
-    assert refused("recipients") == 1
-    assert refused("connections") == 0
-    extra = Raw(relay.port, greeting=False)
-    assert extra.expect(421).startswith("421 4.7.0")
-    wait_for(lambda: refused("connections") == 1, what="the refused connection counted")
-    assert refused("recipients") == 1
-
-
-def test_healthz_is_503_while_draining(metrics_relay, upstream):
-    relay = metrics_relay(DISPATCH_DRAIN_TIMEOUT=10)
-    assert healthz(relay) == (200, "ok\n")
-    stuck = Raw(relay.port)            # holds the drain in its wait for DATA to finish
-    stuck.login()
-    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    stuck.expect(354, b"DATA\r\n")
-    stuck.send(b"Subject: in data\r\n\r\n")
-    drain = threading.Thread(target=relay.drain)
-    drain.start()
-    try:
-        wait_for(lambda: relay.draining, what="the drain to begin")
-        status, body = healthz(relay)
-        assert status == 503 and body.endswith("\n") and len(body.strip()) > 10, body
-    finally:
-        stuck.send(b"the end\r\n.\r\n")
-        drain.join(15)
-    assert not drain.is_alive()
-    assert subjects(upstream) == ["in data"]
-
-
-def test_sessions_open_counts_live_client_sessions(metrics_relay):
-    relay = metrics_relay()
-    value = lambda: relay_scrape(relay)["dispatch_sessions_open"]  # noqa: E731
-    assert value() == 0
-    first, second = Raw(relay.port), Raw(relay.port)
-    wait_for(lambda: value() == 2, what="two open sessions")
-    first.expect(221, b"QUIT\r\n")
-    first.close()
-    wait_for(lambda: value() == 1, what="one open session")
-    second.close()
-    wait_for(lambda: value() == 0, what="no open session")
-
-
-def test_label_values_are_escaped_so_the_exposition_stays_valid(metrics_relay):
-    relay = metrics_relay()
-    odd = 'a "quoted" back\\slash\nand a line feed'
-    relay.metrics.refused(odd)
-    metrics = relay_scrape(relay)
-    assert metrics.value("dispatch_messages_refused_total", reason=odd) == 1
-
-
-def test_an_unknown_path_is_404(metrics_relay):
-    status, _, _ = http_get(metrics_port(metrics_relay()), "/nothing-here")
-    assert status == 404
-
-
-# ===========================================================================
-# 5. /healthz
-# ===========================================================================
-
-
-def test_healthz_is_503_after_three_failed_flushes_and_200_after_the_next_good_one(
-        metrics_relay):
-    provider = Upstream()
-    relay = metrics_relay(provider.port)
-    port = provider.port
-    assert healthz(relay) == (200, "ok\n")
-    queue_mail(relay, *batch("one"))
-    provider.stop()                               # the provider is down
-    for failures in (1, 2):
-        assert relay.flusher.flush() is False
-        assert healthz(relay) == (200, "ok\n"), f"after {failures} failed flush(es)"
-    assert relay.flusher.flush() is False
-    status, body = healthz(relay)
-    assert status == 503
-    assert body.endswith("\n") and body.count("\n") == 1 and len(body.strip()) > 10, body
-    # It says what is wrong and why: the provider's address, refusing connections.
-    assert "3 flushes" in body and f"127.0.0.1:{port}" in body and "refused" in body, body
-    metrics = relay_scrape(relay)
-    assert metrics["dispatch_flush_failures_total"] == 3
-    assert metrics["dispatch_messages_deferred_total"] == 3        # the one message, 3 times
-    assert metrics["dispatch_queue_messages"] == 1
-
-    restarted = Upstream(port=port)
-    try:
-        assert relay.flusher.flush() is True
-        assert healthz(relay) == (200, "ok\n")
-        assert subjects(restarted) == ["one"]
-        metrics = relay_scrape(relay)
-        assert metrics["dispatch_flush_failures_total"] == 3       # a counter never resets
-        assert metrics["dispatch_messages_sent_total"] == 1
-    finally:
-        restarted.stop()
-
-
-def test_healthz_counts_only_flushes_failed_in_a_row(metrics_relay):
-    provider = Upstream()
-    relay = metrics_relay(provider.port)
-    queue_mail(relay, *batch("one"))
-    port = provider.port
-    provider.stop()
-    assert relay.flusher.flush() is False
-    assert relay.flusher.flush() is False
-    restarted = Upstream(port=port)
-    try:
-        assert relay.flusher.flush() is True
-    finally:
-        restarted.stop()
-    queue_mail(relay, *batch("two"))
-    assert relay.flusher.flush() is False
-    assert relay.flusher.flush() is False
-    assert healthz(relay) == (200, "ok\n")           # 2 + 2 failures, never 3 in a row
-    assert relay_scrape(relay)["dispatch_flush_failures_total"] == 4
-
-
-def test_healthz_recovers_when_the_failing_mail_expires_and_the_queue_empties(
-        refused_port, metrics_relay):
-    relay = metrics_relay(refused_port, DISPATCH_MAX_AGE=1)      # nothing listens there
-    queue_mail(relay, *batch("doomed"))
-    for _ in range(3):
-        assert relay.flusher.flush() is False
-    assert healthz(relay)[0] == 503
-    [message] = relay.queue.messages
-    wait_for(lambda: time.time() - message.arrived > 1, 3, "the message to pass its max age")
-    assert relay.flusher.flush() is True                # expired: nothing left to fail
-    assert len(relay.queue) == 0
-    assert healthz(relay) == (200, "ok\n")
-    assert relay_scrape(relay)["dispatch_messages_failed_total"] == 1     # expiry is a failure
-
-
-def test_a_refusing_upstream_is_not_an_unhealthy_one(metrics_relay, upstream):
-    # Per-message 5xx/4xx are the messages' business, not the relay's health.
-    relay = metrics_relay()
-    upstream.handler.data_replies.extend(["451 4.3.0 later"] * 4)
-    queue_mail(relay, *batch("one"))
-    for _ in range(4):
-        assert relay.flusher.flush(everything=True) is True
-    assert healthz(relay) == (200, "ok\n")
-    assert relay_scrape(relay)["dispatch_flush_failures_total"] == 0
-
-
-def test_a_real_dispatch_process_serves_metrics_on_dispatch_metrics_bind(upstream, run_relay):
-    script = Script(upstream)
-    script.on_data("two", "451 4.3.0 Try again later")
-    port = free_port()
-    env = relay_env(upstream.port, DISPATCH_INTERVAL="0", DISPATCH_METRICS_PORT=port,
-                    DISPATCH_METRICS_BIND="127.0.0.2")
-    process = run_relay(env)
-    with smtplib.SMTP("127.0.0.1", process.port, timeout=10) as smtp:
-        smtp.login(USER, PASSWORD)
-        for name in ("one", "two", "three"):
-            send_message(smtp, b"Subject: %s\r\n\r\nbody\r\n" % name.encode())
-    deferred = wait_for(lambda: (lambda m: m if m["dispatch_messages_deferred_total"] >= 1
-                                 and m["dispatch_messages_sent_total"] >= 2 else None)(
-        scrape(port, "127.0.0.2")), what="two sent and one deferred")
-    assert deferred["dispatch_messages_accepted_total"] == 3
-    assert healthz(port, "127.0.0.2") == (200, "ok\n")
-    # The deferred message goes on its retry, a second later.
-    wait_for(lambda: (lambda m: m["dispatch_messages_sent_total"] == 3
-                      and m["dispatch_queue_messages"] == 0
-                      and m["dispatch_sessions_open"] == 0)(scrape(port, "127.0.0.2")),
-             what="the deferred message sent on retry, the queue empty, no session open")
-    assert sorted(subjects(upstream)) == ["one", "three", "two"]
-    # DISPATCH_METRICS_BIND is honoured: nothing listens on the relay's address.
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-
-
-# ===========================================================================
-# 3. The pipelined flush keeps order and outcomes (RFC 2920)
-#
 # Each test runs against an upstream with and without PIPELINING: what the
 # upstream receives, what stays queued and what is counted must be the same.
-# ===========================================================================
 
 
 def test_a_451_mid_batch_defers_that_message_and_the_others_go_in_order(metrics_relay,
@@ -2781,441 +2706,7 @@ def test_with_pipelining_each_message_costs_one_write_and_without_it_four(proxie
 
 
 # ===========================================================================
-# TLS on both sides: STARTTLS and implicit TLS on the relay, strict TLS upstream
-# ===========================================================================
-
-# Tests for TLS (issue 5): STARTTLS and implicit TLS on the relay, TLS
-# required before AUTH, strict TLS to the upstream, and bad certificates at
-# start-up.
-#
-# Certificates are made once per module in a temporary folder: a test CA, a
-# server certificate for localhost/127.0.0.1 signed by it, an unrelated CA with
-# its own localhost certificate, a certificate of the test CA for another host
-# name, a key that matches none of them, and a key with a passphrase. Every
-# handshake is real, on 127.0.0.1, and the clients verify the relay against the
-# test CA.
-
-
-# ---------------------------------------------------------------------------
-# Certificates and TLS helpers
-# ---------------------------------------------------------------------------
-
-
-def _new_key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _certificate(common_name, key, issuer=None, names=(), ca=False):
-    """A certificate for `key`, signed by `issuer` = (cert, key), or self-signed."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    issuer_cert, issuer_key = issuer or (None, key)
-    builder = (x509.CertificateBuilder()
-               .subject_name(subject)
-               .issuer_name(issuer_cert.subject if issuer_cert else subject)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
-    else:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.ip_address(name)) if name[0].isdigit() else x509.DNSName(name)
-            for name in names]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path, *items, password=None):
-    chunks = []
-    for item in items:
-        if isinstance(item, x509.Certificate):
-            chunks.append(item.public_bytes(serialization.Encoding.PEM))
-        else:
-            encryption = (serialization.BestAvailableEncryption(password) if password
-                          else serialization.NoEncryption())
-            chunks.append(item.private_bytes(serialization.Encoding.PEM,
-                                             serialization.PrivateFormat.PKCS8, encryption))
-    path.write_bytes(b"".join(chunks))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """PEM files: ca, cert/key (localhost, 127.0.0.1), other_ca with other_cert/other_key,
-    wrong_name_cert/wrong_name_key (the test CA, another host), wrong_key, encrypted_key."""
-    folder = tmp_path_factory.mktemp("certs")
-    ca_key, other_ca_key = _new_key(), _new_key()
-    ca = _certificate("Dispatch Test CA", ca_key, ca=True)
-    other_ca = _certificate("Unrelated Test CA", other_ca_key, ca=True)
-    key, other_key, wrong_name_key = _new_key(), _new_key(), _new_key()
-    names = ("localhost", "127.0.0.1")
-    cert = _certificate("localhost", key, (ca, ca_key), names)
-    return SimpleNamespace(
-        folder=folder,
-        ca=_write(folder / "ca.pem", ca),
-        cert=_write(folder / "cert.pem", cert),
-        key=_write(folder / "key.pem", key),
-        other_ca=_write(folder / "other-ca.pem", other_ca),
-        other_cert=_write(folder / "other-cert.pem",
-                          _certificate("localhost", other_key, (other_ca, other_ca_key), names)),
-        other_key=_write(folder / "other-key.pem", other_key),
-        wrong_name_cert=_write(folder / "wrong-name-cert.pem", _certificate(
-            "mail.example.com", wrong_name_key, (ca, ca_key), ("mail.example.com",))),
-        wrong_name_key=_write(folder / "wrong-name-key.pem", wrong_name_key),
-        wrong_key=_write(folder / "wrong-key.pem", _new_key()),
-        encrypted_key=_write(folder / "encrypted-key.pem", key, password=b"passphrase"),
-    )
-
-
-def tls_env(certs, **overrides):
-    """make_relay overrides for a relay with the test certificate."""
-    return dict({"RELAY_TLS_CERT": certs.cert, "RELAY_TLS_KEY": certs.key}, **overrides)
-
-
-def client_context(certs, ca=None):
-    """What a careful client does: verify the relay against the test CA."""
-    return ssl.create_default_context(cafile=ca or certs.ca)
-
-
-def server_context(certs, cert=None, key=None):
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert or certs.cert, key or certs.key)
-    return context
-
-
-def read_reply(sock):
-    """(code, text) of one reply, read a byte at a time so that nothing after it
-    is consumed: the bytes that follow may belong to a TLS handshake."""
-    lines, line = [], b""
-    while True:
-        byte = sock.recv(1)
-        if not byte:
-            return None, "\n".join(lines)
-        line += byte
-        if line.endswith(b"\n"):
-            lines.append(line.decode().rstrip("\r\n"))
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-            line = b""
-
-
-def expect(sock, code, command=None):
-    if command is not None:
-        sock.sendall(command)
-    got, text = read_reply(sock)
-    assert got == code, f"expected {code}, got {text!r}"
-    return text
-
-
-def ehlo_keywords(text):
-    return [line[4:] for line in text.splitlines()[1:]]
-
-
-def auth_plain_command():
-    return b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()) + b"\r\n"
-
-
-def connect_starttls(port, certs, server_hostname="localhost"):
-    """A raw client: EHLO, STARTTLS, the verified handshake; the TLS socket."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    expect(sock, 220)
-    expect(sock, 250, b"EHLO client.test\r\n")
-    expect(sock, 220, b"STARTTLS\r\n")
-    return client_context(certs).wrap_socket(sock, server_hostname=server_hostname)
-
-
-def tls_client(relay, certs):
-    """smtplib over STARTTLS, verifying the relay's certificate against the test CA,
-    logged in."""
-    smtp = smtplib.SMTP("localhost", relay.port, local_hostname="client.test", timeout=10)
-    smtp.starttls(context=client_context(certs))
-    smtp.login(USER, PASSWORD)
-    return smtp
-
-
-# ===========================================================================
-# The listening side: STARTTLS
-# ===========================================================================
-
-
-def test_starttls_with_a_verifying_client_then_auth_and_mail_reach_the_upstream(
-        make_relay, upstream, certs):
-    relay = make_relay(**tls_env(certs))
-    with tls_client(relay, certs) as smtp:
-        assert smtp.sock.version() in ("TLSv1.2", "TLSv1.3")
-        send_message(smtp, MESSAGE)
-    assert upstream.wait_received(1)[0].data == MESSAGE
-
-
-def test_ehlo_offers_starttls_and_hides_auth_until_tls_is_on(make_relay, certs):
-    relay = make_relay(**tls_env(certs))
-    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    expect(sock, 220)
-    before = ehlo_keywords(expect(sock, 250, b"EHLO client.test\r\n"))
-    assert "STARTTLS" in before and not any(k.startswith("AUTH") for k in before)
-    expect(sock, 220, b"STARTTLS\r\n")
-    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
-    after = ehlo_keywords(expect(tls, 250, b"EHLO client.test\r\n"))
-    assert "AUTH PLAIN LOGIN" in after and "STARTTLS" not in after
-    assert set(before) - {"STARTTLS"} == set(after) - {"AUTH PLAIN LOGIN"}
-    tls.close()
-
-
-def test_auth_before_starttls_is_538_and_asks_for_no_password(make_relay, certs):
-    relay = make_relay(**tls_env(certs))
-    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    expect(sock, 220)
-    expect(sock, 250, b"EHLO client.test\r\n")
-    # Three refusals: a 538 is not a failed password, so no lockout follows.
-    for command in (auth_plain_command(), b"AUTH LOGIN\r\n", b"AUTH PLAIN\r\n"):
-        assert expect(sock, 538, command).startswith("538 5.7.11 ")
-    assert expect(sock, 530, b"MAIL FROM:<alice@example.com>\r\n").startswith("530 5.7.0")
-    expect(sock, 220, b"STARTTLS\r\n")
-    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
-    expect(tls, 250, b"EHLO client.test\r\n")
-    expect(tls, 235, auth_plain_command())
-    tls.close()
-    assert len(relay.queue) == 0
-
-
-@pytest.mark.parametrize("injected", [
-    b"RSET\r\n",
-    b"MAIL FROM:<x@y>\r\n",
-    b"EHLO evil.test\r\n" + auth_plain_command(),
-], ids=["rset", "mail", "ehlo-auth"])
-def test_commands_pipelined_after_starttls_in_cleartext_are_never_run_inside_tls(
-        make_relay, certs, injected):
-    relay = make_relay(**tls_env(certs))
-    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    expect(sock, 220)
-    expect(sock, 250, b"EHLO client.test\r\n")
-    sock.sendall(b"STARTTLS\r\n" + injected)      # one packet, as an attacker would
-    expect(sock, 220)
-    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
-    first = expect(tls, 250, b"EHLO client.test\r\n")
-    assert first.splitlines()[0] == "250-relay.test", first
-    # The injected AUTH did not log the session in, and no reply is left over.
-    expect(tls, 530, b"MAIL FROM:<alice@example.com>\r\n")
-    assert expect(tls, 221, b"QUIT\r\n").startswith("221 ")
-    tls.close()
-
-
-def test_the_session_forgets_ehlo_and_auth_after_starttls(make_relay, certs):
-    relay = make_relay(**tls_env(certs, RELAY_REQUIRE_TLS=0))
-    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    expect(sock, 220)
-    before = ehlo_keywords(expect(sock, 250, b"EHLO client.test\r\n"))
-    assert "AUTH PLAIN LOGIN" in before and "STARTTLS" in before   # TLS not required
-    expect(sock, 235, auth_plain_command())
-    expect(sock, 220, b"STARTTLS\r\n")
-    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
-    expect(tls, 530, b"MAIL FROM:<alice@example.com>\r\n")   # not logged in any more
-    expect(tls, 503, auth_plain_command())                    # EHLO forgotten too
-    expect(tls, 250, b"EHLO client.test\r\n")
-    expect(tls, 235, auth_plain_command())
-    expect(tls, 250, b"MAIL FROM:<alice@example.com>\r\n")
-    tls.close()
-
-
-def test_starttls_twice_or_inside_a_transaction_is_503(make_relay, certs):
-    relay = make_relay(**tls_env(certs, RELAY_REQUIRE_TLS=0))
-    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    expect(sock, 220)
-    expect(sock, 250, b"EHLO client.test\r\n")
-    expect(sock, 235, auth_plain_command())
-    expect(sock, 250, b"MAIL FROM:<alice@example.com>\r\n")
-    assert expect(sock, 503, b"STARTTLS\r\n").startswith("503 5.5.1 ")
-    expect(sock, 501, b"STARTTLS now\r\n")
-    expect(sock, 250, b"RSET\r\n")
-    expect(sock, 220, b"STARTTLS\r\n")
-    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
-    expect(tls, 250, b"EHLO client.test\r\n")
-    assert expect(tls, 503, b"STARTTLS\r\n").startswith("503 5.5.1 ")
-    expect(tls, 250, b"NOOP\r\n")          # still talking TLS: the 503 ended nothing
-    tls.close()
-
-
-def test_quit_inside_tls_ends_with_a_close_notify(make_relay, certs):
-    relay = make_relay(**tls_env(certs))
-    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    expect(sock, 220)
-    expect(sock, 250, b"EHLO client.test\r\n")
-    expect(sock, 220, b"STARTTLS\r\n")
-    # Strict: a connection cut without close_notify raises SSLEOFError here.
-    tls = client_context(certs).wrap_socket(sock, server_hostname="localhost",
-                                            suppress_ragged_eofs=False)
-    expect(tls, 250, b"EHLO client.test\r\n")
-    expect(tls, 221, b"QUIT\r\n")
-    assert tls.recv(1) == b""
-    tls.close()
-
-
-def test_tls_older_than_1_2_is_refused(make_relay, certs):
-    relay = make_relay(**tls_env(certs))
-    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-    expect(sock, 220)
-    expect(sock, 250, b"EHLO client.test\r\n")
-    expect(sock, 220, b"STARTTLS\r\n")
-    old = client_context(certs)
-    old.minimum_version, old.maximum_version = ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1
-    old.set_ciphers("DEFAULT:@SECLEVEL=0")
-    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):   # the relay's alert
-        old.wrap_socket(sock, server_hostname="localhost")
-    sock.close()
-
-
-def read_to_eof(sock):
-    """Read until the server closes (a TLS alert may come first); True then."""
-    try:
-        while sock.recv(4096):
-            pass
-    except ConnectionResetError:
-        pass
-    return True
-
-
-def test_a_failed_handshake_ends_that_session_only_and_is_logged(make_relay, upstream, certs,
-                                                                   caplog):
-    caplog.set_level("INFO", logger="dispatch")
-    relay = make_relay(**tls_env(certs, RELAY_TLS_PORT=free_port()))
-    tls_port = relay.listeners[1].server_address[1]
-    # A session in the middle of a transaction, and a client silent on the implicit port.
-    good = tls_client(relay, certs)
-    good.mail("alice@example.com")
-    silent = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
-    failed_clients = []
-    for garbage in (b"this is not a TLS handshake\r\n\r\n",
-                    b"\x16\x03\x01\x00\x04\xff\xff\xff\xff"):     # a broken ClientHello
-        bad = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
-        expect(bad, 220)
-        expect(bad, 250, b"EHLO client.test\r\n")
-        expect(bad, 220, b"STARTTLS\r\n")
-        implicit = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
-        for sock in (bad, implicit):
-            failed_clients.append("127.0.0.1:%d" % sock.getsockname()[1])
-            sock.sendall(garbage)
-            assert read_to_eof(sock)
-            sock.close()
-    good.rcpt("bob@example.com")
-    good.data(MESSAGE)
-    good.quit()
-    with smtplib.SMTP_SSL("localhost", tls_port, context=client_context(certs),
-                          timeout=10) as smtp:
-        smtp.login(USER, PASSWORD)
-    assert upstream.wait_received(1)[0].data == MESSAGE
-    silent.close()
-    for peer in failed_clients:      # the operator sees which client could not talk TLS
-        assert f"TLS handshake failed: client={peer}, " in log_text(caplog)
-
-
-def test_relay_timeout_holds_inside_tls_and_during_the_handshake(make_relay, certs):
-    relay = make_relay(**tls_env(certs, RELAY_TLS_PORT=free_port(), RELAY_TIMEOUT=1))
-    tls_port = relay.listeners[1].server_address[1]
-    silent = socket.create_connection(("127.0.0.1", tls_port), timeout=10)   # no ClientHello
-    idle = connect_starttls(relay.port, certs)
-    expect(idle, 250, b"EHLO client.test\r\n")
-    assert expect(idle, 421).startswith("421 4.4.2 ")        # said inside TLS
-    assert read_to_eof(silent)
-    wait_for(lambda: relay.connections == 0, what="both session slots to be free")
-    idle.close()
-    silent.close()
-
-
-# ===========================================================================
-# The implicit-TLS listener (RELAY_TLS_PORT)
-# ===========================================================================
-
-
-def test_the_implicit_tls_listener_speaks_tls_from_the_first_byte(make_relay, upstream, certs):
-    relay = make_relay(**tls_env(certs, RELAY_TLS_PORT=free_port()))
-    tls_port = relay.listeners[1].server_address[1]
-    with smtplib.SMTP_SSL("localhost", tls_port, local_hostname="client.test",
-                          context=client_context(certs), timeout=10) as smtp:
-        assert smtp.sock.version() in ("TLSv1.2", "TLSv1.3")
-        keywords = smtp.ehlo()[1].decode().splitlines()[1:]
-        assert "AUTH PLAIN LOGIN" in keywords and "STARTTLS" not in keywords
-        assert smtp.docmd("STARTTLS")[0] == 503
-        smtp.login(USER, PASSWORD)
-        send_message(smtp, MESSAGE)
-    assert upstream.wait_received(1)[0].data == MESSAGE
-    # Cleartext SMTP on that port gets no greeting: the relay waits for a handshake.
-    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as plain:
-        plain.sendall(b"EHLO client.test\r\n")
-        try:
-            answer = plain.recv(4096)      # a TLS alert, or nothing
-        except ConnectionResetError:
-            answer = b""
-        assert not answer.startswith(b"220")
-
-
-def test_a_real_process_offers_starttls_and_implicit_tls_with_one_certificate(
-        upstream, run_relay, certs):
-    env = relay_env(upstream.port, RELAY_TLS_CERT=certs.cert, RELAY_TLS_KEY=certs.key,
-                    RELAY_TLS_PORT=free_port())
-    process = run_relay(env)
-    with smtplib.SMTP("localhost", process.port, timeout=10) as smtp:
-        smtp.starttls(context=client_context(certs))
-        smtp.login(USER, PASSWORD)
-        send_message(smtp, MESSAGE)
-        starttls_cert = smtp.sock.getpeercert(binary_form=True)
-    with smtplib.SMTP_SSL("localhost", int(env["RELAY_TLS_PORT"]),
-                          context=client_context(certs), timeout=10) as smtp:
-        smtp.login(USER, PASSWORD)
-        assert smtp.sock.getpeercert(binary_form=True) == starttls_cert
-    upstream.wait_received(1)
-    assert "unencrypted" not in process.log()
-
-
-# ===========================================================================
-# Cleartext without a certificate, and shutting down inside TLS
-# ===========================================================================
-
-
-def test_without_a_certificate_the_relay_works_and_warns_once_about_cleartext(
-        make_relay, upstream, caplog):
-    relay = make_relay()
-    for _ in range(2):
-        with client(relay) as smtp:
-            send_message(smtp, MESSAGE)
-    upstream.wait_received(2)
-    warnings = [r for r in caplog.records if "unencrypted" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
-
-
-def test_with_a_certificate_there_is_no_cleartext_warning(make_relay, certs, caplog):
-    make_relay(**tls_env(certs))
-    assert "unencrypted" not in log_text(caplog)
-
-
-def test_allowing_auth_before_starttls_is_warned_about_once(make_relay, certs, caplog):
-    relay = make_relay(**tls_env(certs, RELAY_REQUIRE_TLS=0))
-    with client(relay):       # AUTH in cleartext works, as asked
-        pass
-    warnings = [r for r in caplog.records if "unencrypted" in r.getMessage()]
-    assert len(warnings) == 1 and "RELAY_REQUIRE_TLS" in warnings[0].getMessage()
-
-
-def test_shutdown_answers_421_inside_tls(make_relay, certs):
-    relay = make_relay(**tls_env(certs))
-    tls = connect_starttls(relay.port, certs)
-    expect(tls, 250, b"EHLO client.test\r\n")
-    drain = threading.Thread(target=relay.drain)
-    drain.start()
-    assert expect(tls, 421).startswith("421 4.3.2 ")
-    drain.join(10)
-    tls.close()
-
-
-# ===========================================================================
-# The upstream: strict TLS
+# 4. Delivery to the upstream: strict TLS
 # ===========================================================================
 
 
@@ -3301,34 +2792,513 @@ def test_an_upstream_without_starttls_gets_no_auth_and_the_message_stays_queued(
 
 
 # ===========================================================================
-# Start-up errors: a real dispatch.py process
+# 5. Health and metrics: the exposition parser rejects what Prometheus rejects
 # ===========================================================================
 
 
-@pytest.mark.parametrize("change, variable", [
-    ({"RELAY_TLS_CERT": "{folder}"}, "RELAY_TLS_CERT"),                 # cannot be read
-    ({"RELAY_TLS_CERT": "{folder}/garbage.pem"}, "RELAY_TLS_CERT"),     # not PEM
-    ({"RELAY_TLS_CERT": "{folder}/broken.pem"}, "RELAY_TLS_CERT"),      # a broken PEM
-    ({"RELAY_TLS_KEY": "{wrong_key}"}, "RELAY_TLS_KEY"),                # does not match
-    ({"RELAY_TLS_KEY": "{cert}"}, "RELAY_TLS_KEY"),                     # holds no key
-    ({"RELAY_TLS_KEY": "{encrypted_key}"}, "RELAY_TLS_KEY"),            # needs a passphrase
-    ({"RELAY_TLS_KEY": None}, "RELAY_TLS_KEY"),
-    ({"RELAY_TLS_CERT": None, "RELAY_TLS_KEY": None, "RELAY_TLS_PORT": "4650"},
-     "RELAY_TLS_PORT"),
-    ({"UPSTREAM_CA_FILE": "{folder}/garbage.pem"}, "UPSTREAM_CA_FILE"),
-], ids=["unreadable", "not-pem", "broken-pem", "mismatch", "no-key", "encrypted-key", "key-missing",
-        "tls-port-without-cert", "bad-ca-file"])
-def test_a_bad_certificate_stops_start_up_with_one_line(certs, change, variable):
-    (certs.folder / "garbage.pem").write_text("not a certificate\n")
-    (certs.folder / "broken.pem").write_text(
-        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-    env = relay_env(2, RELAY_TLS_CERT=certs.cert, RELAY_TLS_KEY=certs.key)
-    for key, value in change.items():
-        if value is None:
-            env.pop(key)
-        else:
-            env[key] = value.format(**vars(certs))
-    status, out, err = run_cli(env=env, timeout=10)
-    lines = err.strip().splitlines()
-    assert status == 2 and len(lines) == 1, err
-    assert variable in lines[0] and "Traceback" not in err and "(_ssl.c" not in err
+@pytest.mark.parametrize("body", [
+    "# HELP a_total x\n# TYPE a_total counter\na_total 1",                  # no final LF
+    "a_total 1\n",                                                           # no HELP/TYPE
+    "# TYPE a_total counter\na_total 1\n",                                   # no HELP
+    "# HELP a_total x\na_total 1\n",                                         # no TYPE
+    "# HELP a_total x\n# TYPE a_total counter\na_total 1\n# TYPE a_total counter\n",
+    "# HELP 1a x\n# TYPE 1a gauge\n1a 1\n",                                  # bad name
+    "# HELP a x\n# TYPE a gauge\na{1x=\"v\"} 1\n",                           # bad label name
+    "# HELP a x\n# TYPE a gauge\na{x=v} 1\n",                                # unquoted value
+    "# HELP a x\n# TYPE a gauge\na{x=\"a\"b\"} 1\n",                         # unescaped quote
+    "# HELP a x\n# TYPE a gauge\na{x=\"\\q\"} 1\n",                          # bad escape
+    "# HELP a x\n# TYPE a gauge\na{x=\"v\"} 1\na{x=\"v\"} 2\n",              # repeated
+    "# HELP a x\n# TYPE a gauge\na one\n",                                   # bad value
+    "# HELP a x\n# TYPE a gauge\na 1.7e+09x\n",
+    "# HELP a x\n# TYPE a gauge\n# HELP b x\n# TYPE b gauge\nb 1\na 1\n",    # split group
+    "# HELP a x\n# TYPE a counter\na 1\n",                                   # no _total
+    "# HELP a x\n# TYPE a wibble\na 1\n",                                    # unknown type
+], ids=["no-final-lf", "no-help-or-type", "no-help", "no-type", "type-twice", "bad-name",
+        "bad-label-name", "unquoted-label", "unescaped-quote", "bad-escape", "repeated-sample",
+        "bad-value", "trailing-junk", "split-group", "counter-without-total", "unknown-type"])
+def test_the_exposition_parser_rejects_what_prometheus_rejects(body):
+    with pytest.raises(ExpositionError):
+        parse_exposition(body)
+
+
+def test_the_exposition_parser_accepts_valid_text_with_escapes_and_empty_families():
+    families = parse_exposition(
+        "# HELP a_total with \\\\ and \\n\n# TYPE a_total counter\n"
+        'a_total{k="q\\"b\\\\n\\n",j="2",} 3 1700000000000\n\n'
+        "# HELP e_total nothing yet\n# TYPE e_total counter\n"
+        "# HELP g x\n# TYPE g gauge\ng -Inf\n# a comment\n")
+    assert families["a_total"].help == "with \\ and \n"
+    assert families["a_total"].samples == {("a_total", (("j", "2"), ("k", 'q"b\\n\n'))): 3.0}
+    assert families["e_total"].samples == {} and families["g"].samples[("g", ())] == -math.inf
+
+
+# ===========================================================================
+# 5. Health and metrics: /metrics
+# ===========================================================================
+
+
+def test_metrics_is_valid_prometheus_text_with_every_name_the_spec_lists(metrics_relay):
+    relay = metrics_relay()
+    status, kind, body = http_get(metrics_port(relay), "/metrics")
+    assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+    families = parse_exposition(body)
+    for name in SPEC_COUNTERS:
+        assert families[name].type == "counter", name
+        assert families[name].help, name
+    for name in SPEC_GAUGES:
+        assert families[name].type == "gauge", name
+        assert list(families[name].samples) == [(name, ())], name    # one unlabelled sample
+    for name in SPEC_COUNTERS:
+        if name != "dispatch_messages_refused_total":
+            assert families[name].samples == {(name, ()): 0.0}, name
+    # Every sample of the refusals counter carries exactly one label, reason.
+    assert all([k for k, _ in labels] == ["reason"]
+               for _, labels in families["dispatch_messages_refused_total"].samples)
+    assert all(name.startswith("dispatch_") for name in families)
+
+
+def test_refusal_reasons_are_exported_at_zero_before_the_first_refusal(metrics_relay):
+    # A series that appears only with the first refusal is invisible to rate() and
+    # increase() for that first refusal: known label values start at 0.
+    metrics = relay_scrape(metrics_relay())
+    for reason in ("auth", "auth_required", "size", "queue_full", "recipients", "connections"):
+        assert metrics.value("dispatch_messages_refused_total", reason=reason) == 0, reason
+
+
+def test_accepted_sent_deferred_and_failed_counters_follow_real_mail(metrics_relay, upstream):
+    relay = metrics_relay()
+    script = Script(upstream)
+    script.on_data("one", "451 4.3.0 Try again later")
+    script.on_data("two", "550 5.7.1 Refused by policy")
+    start = relay_scrape(relay)
+    assert [start[n] for n in ("dispatch_messages_accepted_total", "dispatch_queue_messages",
+                               "dispatch_last_flush_timestamp_seconds")] == [0, 0, 0]
+    queue_mail(relay, *batch("one", "two", "three"))
+    queued = relay_scrape(relay)
+    assert queued["dispatch_messages_accepted_total"] == 3
+    assert queued["dispatch_queue_messages"] == 3
+    assert queued["dispatch_queue_bytes"] == sum(len(m.data) for m in relay.queue.messages)
+    assert queued["dispatch_queue_bytes"] > 0
+    assert 0 <= queued["dispatch_queue_oldest_age_seconds"] < 60
+    assert queued["dispatch_messages_sent_total"] == 0
+
+    before = time.time()
+    assert relay.flusher.flush() is True
+    after = time.time()
+    flushed = relay_scrape(relay)
+    assert subjects(upstream) == ["three"]
+    assert flushed["dispatch_messages_sent_total"] == 1
+    assert flushed["dispatch_messages_deferred_total"] == 1        # "one": 451
+    assert flushed["dispatch_messages_failed_total"] == 1          # "two": 550
+    assert flushed["dispatch_flush_failures_total"] == 0           # a message's fault only
+    assert flushed["dispatch_queue_messages"] == 1
+    assert flushed["dispatch_queue_bytes"] == len(relay.queue.messages[0].data)
+    assert flushed["dispatch_messages_accepted_total"] == 3
+    assert before <= flushed["dispatch_last_flush_timestamp_seconds"] <= after
+    assert_monotonic(queued, flushed)
+
+    assert relay.flusher.flush(everything=True) is True             # "one" goes this time
+    final = relay_scrape(relay)
+    assert subjects(upstream) == ["three", "one"]
+    assert [final[n] for n in ("dispatch_messages_sent_total", "dispatch_messages_deferred_total",
+                               "dispatch_messages_failed_total", "dispatch_queue_messages",
+                               "dispatch_queue_bytes", "dispatch_queue_oldest_age_seconds")] \
+        == [2, 1, 1, 0, 0, 0]
+    assert_monotonic(flushed, final)
+
+
+def test_last_flush_time_and_duration_are_exported_at_full_precision(metrics_relay, upstream):
+    relay = metrics_relay()
+    queue_mail(relay, *batch("one"))
+    before = time.time()
+    relay.flusher.flush()
+    after = time.time()
+    upstream.wait_received(1)
+    metrics = relay_scrape(relay)
+    # A Unix time printed with 6 significant digits ("1.76e+09") is hours off.
+    assert before <= metrics["dispatch_last_flush_timestamp_seconds"] <= after
+    assert 0 < metrics["dispatch_last_flush_duration_seconds"] <= after - before
+
+
+def test_refusals_are_counted_by_reason_auth_size_and_queue_full(metrics_relay):
+    relay = metrics_relay(RELAY_MAX_SIZE=1000, DISPATCH_MAX_QUEUE=1500)
+    refused = lambda metrics, reason: metrics.value(  # noqa: E731
+        "dispatch_messages_refused_total", reason=reason)
+    raw = Raw(relay.port)
+    raw.expect(250, b"EHLO client.test\r\n")
+    raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
+    raw.expect(535, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()) + b"\r\n")
+    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+               + b"\r\n")
+    metrics = relay_scrape(relay)
+    assert metrics["dispatch_auth_failures_total"] == 1
+    assert refused(metrics, "auth") == 1 and refused(metrics, "auth_required") == 1
+    assert refused(metrics, "size") == 0 and refused(metrics, "queue_full") == 0
+
+    def transaction(size):
+        raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+        raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
+        raw.expect(354, b"DATA\r\n")
+        raw.send(b"x" * (size - 2) + b"\r\n.\r\n")
+        return raw.reply()[1]
+
+    raw.expect(552, b"MAIL FROM:<a@example.com> SIZE=5000\r\n")      # declared too big
+    assert transaction(1200).startswith("552 5.3.4")                    # too big in fact
+    assert refused(relay_scrape(relay), "size") == 2
+    assert transaction(900).startswith("250 ")
+    assert transaction(700).startswith("452 4.3.1")      # 900 + 700 would cross 1500
+    assert transaction(600).startswith("250 ")           # 1500 exactly: full now
+    raw.expect(452, b"MAIL FROM:<a@example.com>\r\n")
+    metrics = relay_scrape(relay)
+    assert refused(metrics, "queue_full") == 2
+    assert metrics["dispatch_messages_accepted_total"] == 2
+    assert metrics["dispatch_queue_bytes"] == 1500
+    assert (metrics["dispatch_auth_failures_total"], refused(metrics, "auth"),
+            refused(metrics, "size")) == (1, 1, 2)
+
+
+def test_refusals_are_counted_by_reason_recipients_and_connections(metrics_relay):
+    relay = metrics_relay(RELAY_MAX_RECIPIENTS=1, RELAY_MAX_CONNECTIONS=1)
+    refused = lambda reason: relay_scrape(relay).value(  # noqa: E731
+        "dispatch_messages_refused_total", reason=reason)
+    raw = Raw(relay.port)
+    raw.login()
+    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    raw.expect(250, b"RCPT TO:<b1@example.com>\r\n")
+    raw.expect(452, b"RCPT TO:<b2@example.com>\r\n")
+    assert refused("recipients") == 1
+    assert refused("connections") == 0
+    extra = Raw(relay.port, greeting=False)
+    assert extra.expect(421).startswith("421 4.7.0")
+    wait_for(lambda: refused("connections") == 1, what="the refused connection counted")
+    assert refused("recipients") == 1
+
+
+def test_healthz_is_503_while_draining(metrics_relay, upstream):
+    relay = metrics_relay(DISPATCH_DRAIN_TIMEOUT=10)
+    assert healthz(relay) == (200, "ok\n")
+    stuck = Raw(relay.port)            # holds the drain in its wait for DATA to finish
+    stuck.login()
+    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    stuck.expect(354, b"DATA\r\n")
+    stuck.send(b"Subject: in data\r\n\r\n")
+    drain = threading.Thread(target=relay.drain)
+    drain.start()
+    try:
+        wait_for(lambda: relay.draining, what="the drain to begin")
+        status, body = healthz(relay)
+        assert status == 503 and body.endswith("\n") and len(body.strip()) > 10, body
+    finally:
+        stuck.send(b"the end\r\n.\r\n")
+        drain.join(15)
+    assert not drain.is_alive()
+    assert subjects(upstream) == ["in data"]
+
+
+def test_sessions_open_counts_live_client_sessions(metrics_relay):
+    relay = metrics_relay()
+    value = lambda: relay_scrape(relay)["dispatch_sessions_open"]  # noqa: E731
+    assert value() == 0
+    first, second = Raw(relay.port), Raw(relay.port)
+    wait_for(lambda: value() == 2, what="two open sessions")
+    first.expect(221, b"QUIT\r\n")
+    first.close()
+    wait_for(lambda: value() == 1, what="one open session")
+    second.close()
+    wait_for(lambda: value() == 0, what="no open session")
+
+
+def test_label_values_are_escaped_so_the_exposition_stays_valid(metrics_relay):
+    relay = metrics_relay()
+    odd = 'a "quoted" back\\slash\nand a line feed'
+    relay.metrics.refused(odd)
+    metrics = relay_scrape(relay)
+    assert metrics.value("dispatch_messages_refused_total", reason=odd) == 1
+
+
+def test_an_unknown_path_is_404(metrics_relay):
+    status, _, _ = http_get(metrics_port(metrics_relay()), "/nothing-here")
+    assert status == 404
+
+
+# ===========================================================================
+# 5. Health and metrics: /healthz
+# ===========================================================================
+
+
+def test_healthz_is_503_after_three_failed_flushes_and_200_after_the_next_good_one(
+        metrics_relay):
+    provider = Upstream()
+    relay = metrics_relay(provider.port)
+    port = provider.port
+    assert healthz(relay) == (200, "ok\n")
+    queue_mail(relay, *batch("one"))
+    provider.stop()                               # the provider is down
+    for failures in (1, 2):
+        assert relay.flusher.flush() is False
+        assert healthz(relay) == (200, "ok\n"), f"after {failures} failed flush(es)"
+    assert relay.flusher.flush() is False
+    status, body = healthz(relay)
+    assert status == 503
+    assert body.endswith("\n") and body.count("\n") == 1 and len(body.strip()) > 10, body
+    # It says what is wrong and why: the provider's address, refusing connections.
+    assert "3 flushes" in body and f"127.0.0.1:{port}" in body and "refused" in body, body
+    metrics = relay_scrape(relay)
+    assert metrics["dispatch_flush_failures_total"] == 3
+    assert metrics["dispatch_messages_deferred_total"] == 3        # the one message, 3 times
+    assert metrics["dispatch_queue_messages"] == 1
+
+    restarted = Upstream(port=port)
+    try:
+        assert relay.flusher.flush() is True
+        assert healthz(relay) == (200, "ok\n")
+        assert subjects(restarted) == ["one"]
+        metrics = relay_scrape(relay)
+        assert metrics["dispatch_flush_failures_total"] == 3       # a counter never resets
+        assert metrics["dispatch_messages_sent_total"] == 1
+    finally:
+        restarted.stop()
+
+
+def test_healthz_counts_only_flushes_failed_in_a_row(metrics_relay):
+    provider = Upstream()
+    relay = metrics_relay(provider.port)
+    queue_mail(relay, *batch("one"))
+    port = provider.port
+    provider.stop()
+    assert relay.flusher.flush() is False
+    assert relay.flusher.flush() is False
+    restarted = Upstream(port=port)
+    try:
+        assert relay.flusher.flush() is True
+    finally:
+        restarted.stop()
+    queue_mail(relay, *batch("two"))
+    assert relay.flusher.flush() is False
+    assert relay.flusher.flush() is False
+    assert healthz(relay) == (200, "ok\n")           # 2 + 2 failures, never 3 in a row
+    assert relay_scrape(relay)["dispatch_flush_failures_total"] == 4
+
+
+def test_healthz_recovers_when_the_failing_mail_expires_and_the_queue_empties(
+        refused_port, metrics_relay):
+    relay = metrics_relay(refused_port, DISPATCH_MAX_AGE=1)      # nothing listens there
+    queue_mail(relay, *batch("doomed"))
+    for _ in range(3):
+        assert relay.flusher.flush() is False
+    assert healthz(relay)[0] == 503
+    [message] = relay.queue.messages
+    wait_for(lambda: time.time() - message.arrived > 1, 3, "the message to pass its max age")
+    assert relay.flusher.flush() is True                # expired: nothing left to fail
+    assert len(relay.queue) == 0
+    assert healthz(relay) == (200, "ok\n")
+    assert relay_scrape(relay)["dispatch_messages_failed_total"] == 1     # expiry is a failure
+
+
+def test_a_refusing_upstream_is_not_an_unhealthy_one(metrics_relay, upstream):
+    # Per-message 5xx/4xx are the messages' business, not the relay's health.
+    relay = metrics_relay()
+    upstream.handler.data_replies.extend(["451 4.3.0 later"] * 4)
+    queue_mail(relay, *batch("one"))
+    for _ in range(4):
+        assert relay.flusher.flush(everything=True) is True
+    assert healthz(relay) == (200, "ok\n")
+    assert relay_scrape(relay)["dispatch_flush_failures_total"] == 0
+
+
+def test_a_real_dispatch_process_serves_metrics_on_dispatch_metrics_bind(upstream, run_relay):
+    script = Script(upstream)
+    script.on_data("two", "451 4.3.0 Try again later")
+    port = free_port()
+    env = relay_env(upstream.port, DISPATCH_INTERVAL="0", DISPATCH_METRICS_PORT=port,
+                    DISPATCH_METRICS_BIND="127.0.0.2")
+    process = run_relay(env)
+    with smtplib.SMTP("127.0.0.1", process.port, timeout=10) as smtp:
+        smtp.login(USER, PASSWORD)
+        for name in ("one", "two", "three"):
+            send_message(smtp, b"Subject: %s\r\n\r\nbody\r\n" % name.encode())
+    deferred = wait_for(lambda: (lambda m: m if m["dispatch_messages_deferred_total"] >= 1
+                                 and m["dispatch_messages_sent_total"] >= 2 else None)(
+        scrape(port, "127.0.0.2")), what="two sent and one deferred")
+    assert deferred["dispatch_messages_accepted_total"] == 3
+    assert healthz(port, "127.0.0.2") == (200, "ok\n")
+    # The deferred message goes on its retry, a second later.
+    wait_for(lambda: (lambda m: m["dispatch_messages_sent_total"] == 3
+                      and m["dispatch_queue_messages"] == 0
+                      and m["dispatch_sessions_open"] == 0)(scrape(port, "127.0.0.2")),
+             what="the deferred message sent on retry, the queue empty, no session open")
+    assert sorted(subjects(upstream)) == ["one", "three", "two"]
+    # DISPATCH_METRICS_BIND is honoured: nothing listens on the relay's address.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+# ===========================================================================
+# 6. The life cycle: SIGTERM and SIGINT
+# ===========================================================================
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_sends_queued_mail_in_a_last_flush_and_exits_0(upstream, run_relay,
+                                                                       signum):
+    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
+                                  DISPATCH_DRAIN_TIMEOUT=5))
+    with client(process) as smtp:
+        for n in range(3):
+            submit(smtp, f"queued-{n}")
+    assert upstream.received == []
+    started = time.monotonic()
+    process.signal(signum)
+    assert process.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert tokens(upstream) == ["queued-0", "queued-1", "queued-2"]
+    assert "lost" not in process.log()
+
+
+def test_without_a_spool_no_250_comes_after_the_last_flush_has_begun(make_relay, upstream):
+    relay = make_relay(DISPATCH_INTERVAL=3600)
+    late = Raw(relay.port)
+    late.login()
+    late.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    late.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    late.expect(354, b"DATA\r\n")
+    relay.flusher.stop(time.monotonic() + 5)    # what a drain does once DATA's share is up
+    assert late.expect(421, b"Subject: late\r\n\r\nx\r\n.\r\n").startswith("421 4.3.2")
+    relay.flusher.join(5)
+    assert len(relay.queue) == 0 and upstream.received == []
+
+
+def test_sigterm_lets_a_message_in_data_finish_with_its_250_and_tells_idle_sessions_421(
+        upstream, run_relay):
+    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600))
+    idle = Raw(process.port)
+    idle.login()
+    busy = Raw(process.port)
+    busy.login()
+    busy.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    busy.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    busy.expect(354, b"DATA\r\n")
+    busy.send(b"X-Token: in-data\r\n\r\nthe first half, ")
+    process.signal(signal.SIGTERM)
+    assert idle.expect(421).startswith("421 4.3.2")
+    assert idle.closed()
+    wait_for(lambda: not accepting(process.port), what="the listener to close")
+    busy.send(b"and the second half\r\n.\r\n")
+    assert "queued as" in busy.expect(250)
+    assert busy.expect(421).startswith("421 4.3.2")
+    assert process.wait(10) == 0
+    assert tokens(upstream) == ["in-data"]
+
+
+def test_sigterm_with_the_upstream_down_exits_0_in_time_and_logs_how_many_are_lost(
+        refused_port, run_relay):
+    process = run_relay(relay_env(refused_port, DISPATCH_INTERVAL=3600,
+                                  DISPATCH_DRAIN_TIMEOUT=2))
+    with client(process) as smtp:
+        submit(smtp, "lost-1")
+        submit(smtp, "lost-2")
+    started = time.monotonic()
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert time.monotonic() - started < 4             # twice DISPATCH_DRAIN_TIMEOUT
+    messages = [line.split("]: ", 1)[-1] for line in process.log().splitlines()]
+    assert [m for m in messages if "lost" in m and re.search(r"\b2\b", m)], messages
+
+
+def test_sigterm_with_a_spool_keeps_undelivered_mail_for_the_next_start(run_relay, spool):
+    provider = Upstream()
+    port = provider.port
+    provider.stop()                                 # the upstream is down
+    env = relay_env(port, DISPATCH_SPOOL=spool, DISPATCH_INTERVAL=3600,
+                    DISPATCH_DRAIN_TIMEOUT=2)
+    first = run_relay(env)
+    with client(first) as smtp:
+        submit(smtp, "kept-1")
+        submit(smtp, "kept-2")
+    first.signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+    assert len(spooled(spool)) == 2 and "lost" not in first.log()
+    provider = Upstream(port=port)                  # the upstream is back, on its port
+    try:
+        run_relay(dict(env, DISPATCH_INTERVAL="0"))
+        provider.wait_received(2)
+        wait_for(lambda: spooled(spool) == [], what="the spool to empty")
+        assert tokens(provider) == ["kept-1", "kept-2"]
+    finally:
+        provider.stop()
+
+
+def test_sigterm_exits_0_within_the_drain_timeout_even_with_a_client_stuck_in_data(
+        upstream, run_relay):
+    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
+                                  DISPATCH_DRAIN_TIMEOUT=1))
+    stuck = Raw(process.port)
+    stuck.login()
+    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    stuck.expect(354, b"DATA\r\n")
+    stuck.send(b"Subject: never finished\r\n\r\n")
+    started = time.monotonic()
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert time.monotonic() - started < 2
+    assert stuck.reply()[0] in (None, 421)          # never a 250: the message is not ours
+    assert upstream.received == []
+
+
+def test_a_client_stuck_in_data_leaves_the_last_flush_its_share_of_the_drain(upstream,
+                                                                              run_relay):
+    process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
+                                  DISPATCH_DRAIN_TIMEOUT=2))
+    with client(process) as smtp:
+        submit(smtp, "queued-before-the-stop")
+    stuck = Raw(process.port)
+    stuck.login()
+    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
+    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
+    stuck.expect(354, b"DATA\r\n")
+    stuck.send(b"Subject: never finished\r\n\r\n")
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    assert tokens(upstream) == ["queued-before-the-stop"]
+    assert "lost" not in process.log()
+
+
+# ===========================================================================
+# 6. The life cycle: many clients at once
+# ===========================================================================
+
+
+def test_500_messages_from_20_concurrent_clients_arrive_exactly_once(upstream, run_relay,
+                                                                     spool):
+    process = run_relay(relay_env(upstream.port, DISPATCH_SPOOL=spool, DISPATCH_INTERVAL=0))
+    start = threading.Barrier(20)
+    queue_ids, errors = [], []
+
+    def sender(k):
+        try:
+            with client(process) as smtp:
+                start.wait(10)
+                for n in range(25):
+                    queue_ids.append(submit(smtp, f"c{k:02d}-{n:02d}"))
+        except (OSError, smtplib.SMTPException, AssertionError,
+                threading.BrokenBarrierError) as exc:     # reported below, with the counts
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    upstream.wait_received(500, timeout=30)
+    wait_for(lambda: spooled(spool) == [], what="the spool to empty")
+    received = collections.Counter(tokens(upstream))
+    print(f"\nconcurrency: 20 clients x 25 = 500 sent, {len(queue_ids)} acknowledged, "
+          f"{sum(received.values())} received, {len(received)} distinct, errors: {errors}")
+    assert errors == [] and len(set(queue_ids)) == 500
+    assert sorted(received) == sorted(f"c{k:02d}-{n:02d}" for k in range(20) for n in range(25))
+    assert set(received.values()) == {1}
+    for k in range(20):                             # each client's mail in its order
+        mine = [t for t in tokens(upstream) if t.startswith(f"c{k:02d}-")]
+        assert mine == sorted(mine)

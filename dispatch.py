@@ -884,7 +884,13 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temporary, final)
+            if message.path is None:
+                # A new message never replaces a file: a queue ID seen again (a
+                # clock stepped back across a restart) fails this one, not the other.
+                os.link(temporary, final)
+                os.unlink(temporary)
+            else:
+                os.rename(temporary, final)
         except BaseException:
             # A full disk must not leave a stray file that warns at every start.
             try:

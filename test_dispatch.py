@@ -2080,6 +2080,20 @@ def test_a_message_that_cannot_reach_the_spool_gets_451_never_250(make_relay, up
     assert len(spooled(spool)) == 1
 
 
+def test_a_queue_id_seen_again_never_overwrites_a_spooled_message(make_relay, spool,
+                                                                  monkeypatch):
+    relay = make_relay(DISPATCH_SPOOL=spool, DISPATCH_INTERVAL=3600)
+    monkeypatch.setattr(dispatch, "next_queue_id", lambda: "0000000000000AAA")
+    with client(relay) as smtp:
+        submit(smtp, "first")
+        smtp.mail("app@example.com")
+        smtp.rcpt("bob@example.com")
+        assert smtp.data(token_message("second"))[0] == 451
+    assert spooled(spool) == ["0000000000000AAA.msg"]
+    assert token_of((spool / "0000000000000AAA.msg").read_bytes()) == "first"
+    assert len(relay.queue) == 1
+
+
 def test_the_spool_file_goes_only_when_every_recipient_has_a_final_answer(
         make_relay, upstream, spool, caplog):
     upstream.handler.rcpt_replies.update({"gone@example.com": "550 5.1.1 No such user",

@@ -610,11 +610,10 @@ class Session(socketserver.BaseRequestHandler):
             return None
         try:
             if mechanism == "PLAIN":
-                answer = self.sasl_response(initial.strip(), "")
-                identity, user, password = answer.split(b"\0") if answer.count(b"\0") == 2 \
-                    else (None, None, None)
-                if user is None:
+                parts = self.sasl_response(initial.strip(), "").split(b"\0")
+                if len(parts) != 3:
                     raise ValueError
+                identity, user, password = parts
                 good = identity in (b"", user) and self.relay.check_password(user, password)
             else:
                 user = self.sasl_response(initial.strip(), "VXNlcm5hbWU6")

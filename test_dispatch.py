@@ -301,6 +301,14 @@ class Raw:
         token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
         self.expect(235, b"AUTH PLAIN " + token + b"\r\n")
 
+    def start_data(self, sender="a@example.com", to=("b@example.com",)):
+        """Log in, then MAIL, RCPT for each of `to` and DATA, each accepted: ready for data."""
+        self.login()
+        self.expect(250, f"MAIL FROM:<{sender}>\r\n".encode())
+        for recipient in to:
+            self.expect(250, f"RCPT TO:<{recipient}>\r\n".encode())
+        self.expect(354, b"DATA\r\n")
+
     def closed(self):
         """True once the server has closed the connection."""
         try:
@@ -1332,10 +1340,7 @@ def test_the_password_is_checked_with_bcrypt_once_then_remembered(relay, monkeyp
 
 def test_a_message_is_queued_with_a_queue_id(relay, upstream):
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<alice@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<bob@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data("alice@example.com", to=("bob@example.com",))
     text = raw.expect(250, b"Subject: x\r\n\r\nbody\r\n.\r\n")
     assert text.startswith("250 2.0.0 Ok: queued as ")
     queue_id = text.rsplit(" ", 1)[1]
@@ -1416,10 +1421,7 @@ def test_declared_size_over_the_limit_is_552(make_relay):
 def test_a_message_over_the_size_limit_is_read_to_its_end_and_refused(make_relay, upstream):
     relay = make_relay(RELAY_MAX_SIZE=1000)
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data()
     raw.send(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 1 + (b"y" * 78 + b"\r\n") * 100)
     assert raw.expect(552, b".\r\n").startswith("552 5.3.4")
     # The session goes on: a small message is accepted.
@@ -1528,10 +1530,7 @@ def test_pipelined_commands_in_one_packet_are_all_answered_in_order(relay, upstr
 
 def test_dot_stuffing_is_removed(relay, upstream):
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data()
     raw.expect(250, b"..leading dot\r\nmiddle\r\n...\r\n.\r\n")
     assert delivered_data(upstream) == b".leading dot\r\nmiddle\r\n..\r\n"
 
@@ -1539,10 +1538,7 @@ def test_dot_stuffing_is_removed(relay, upstream):
 @pytest.mark.parametrize("smuggle", [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"])
 def test_only_crlf_dot_crlf_ends_the_data_so_smuggling_is_impossible(relay, upstream, smuggle):
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data()
     raw.send(b"Subject: one\r\n\r\nfirst" + smuggle + b"MAIL FROM:<evil@example.com>\r\n"
              b"RCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
     text = raw.expect(250)
@@ -1561,20 +1557,14 @@ def test_only_crlf_dot_crlf_ends_the_data_so_smuggling_is_impossible(relay, upst
 
 def test_bare_line_ends_are_stored_as_crlf(relay, upstream):
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data()
     raw.expect(250, b"a\nb\rc\r\n.\r\n")
     assert delivered_data(upstream) == b"a\r\nb\r\nc\r\n"
 
 
 def test_an_empty_message_is_accepted(relay, upstream):
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data()
     raw.expect(250, b".\r\n")
     upstream.wait_received(1)
 
@@ -1584,10 +1574,7 @@ def test_long_text_lines_are_data_not_errors(make_relay):
     relay = make_relay(upstream_port=upstream.port)
     body = b"Subject: long\r\n\r\n" + b"z" * 200_000 + b"\r\n"
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data()
     raw.expect(250, body + b".\r\n")
     try:
         assert upstream.wait_received(1)[0].data == body
@@ -1681,10 +1668,7 @@ def test_a_client_silent_in_the_middle_of_data_times_out_and_nothing_is_queued(
         make_relay, upstream):
     relay = make_relay(RELAY_TIMEOUT="1", DISPATCH_INTERVAL=3600)
     raw = Raw(relay.port)
-    raw.login()
-    raw.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    raw.expect(354, b"DATA\r\n")
+    raw.start_data()
     raw.send(b"Subject: half\r\n\r\nthe first half")
     assert raw.expect(421).startswith("421 4.4.2")
     assert raw.closed() and len(relay.queue) == 0
@@ -2992,10 +2976,7 @@ def test_healthz_is_503_while_draining(metrics_relay, upstream):
     relay = metrics_relay(DISPATCH_DRAIN_TIMEOUT=10)
     assert healthz(relay) == (200, "ok\n")
     stuck = Raw(relay.port)            # holds the drain in its wait for DATA to finish
-    stuck.login()
-    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    stuck.expect(354, b"DATA\r\n")
+    stuck.start_data()
     stuck.send(b"Subject: in data\r\n\r\n")
     drain = threading.Thread(target=relay.drain)
     drain.start()
@@ -3173,10 +3154,7 @@ def test_a_stop_signal_sends_queued_mail_in_a_last_flush_and_exits_0(upstream, r
 def test_without_a_spool_no_250_comes_after_the_last_flush_has_begun(make_relay, upstream):
     relay = make_relay(DISPATCH_INTERVAL=3600)
     late = Raw(relay.port)
-    late.login()
-    late.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    late.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    late.expect(354, b"DATA\r\n")
+    late.start_data()
     relay.flusher.stop(time.monotonic() + 5)    # what a drain does once DATA's share is up
     assert late.expect(421, b"Subject: late\r\n\r\nx\r\n.\r\n").startswith("421 4.3.2")
     relay.flusher.join(5)
@@ -3189,10 +3167,7 @@ def test_sigterm_lets_a_message_in_data_finish_with_its_250_and_tells_idle_sessi
     idle = Raw(process.port)
     idle.login()
     busy = Raw(process.port)
-    busy.login()
-    busy.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    busy.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    busy.expect(354, b"DATA\r\n")
+    busy.start_data()
     busy.send(b"X-Token: in-data\r\n\r\nthe first half, ")
     process.signal(signal.SIGTERM)
     assert idle.expect(421).startswith("421 4.3.2")
@@ -3248,10 +3223,7 @@ def test_sigterm_exits_0_within_the_drain_timeout_even_with_a_client_stuck_in_da
     process = run_relay(relay_env(upstream.port, DISPATCH_INTERVAL=3600,
                                   DISPATCH_DRAIN_TIMEOUT=1))
     stuck = Raw(process.port)
-    stuck.login()
-    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    stuck.expect(354, b"DATA\r\n")
+    stuck.start_data()
     stuck.send(b"Subject: never finished\r\n\r\n")
     started = time.monotonic()
     process.signal(signal.SIGTERM)
@@ -3268,10 +3240,7 @@ def test_a_client_stuck_in_data_leaves_the_last_flush_its_share_of_the_drain(ups
     with client(process) as smtp:
         submit(smtp, "queued-before-the-stop")
     stuck = Raw(process.port)
-    stuck.login()
-    stuck.expect(250, b"MAIL FROM:<a@example.com>\r\n")
-    stuck.expect(250, b"RCPT TO:<b@example.com>\r\n")
-    stuck.expect(354, b"DATA\r\n")
+    stuck.start_data()
     stuck.send(b"Subject: never finished\r\n\r\n")
     process.signal(signal.SIGTERM)
     assert process.wait(10) == 0

@@ -2577,71 +2577,54 @@ def test_mixed_refusals_in_one_batch_each_land_on_the_right_message(metrics_rela
             metrics["dispatch_messages_failed_total"]) == (4, 3, 2)   # failed: m4, m7
 
 
-def test_a_421_mid_batch_reconnects_in_the_same_flush_and_sends_each_message_once(
-        metrics_relay, provider):
-    relay = metrics_relay(provider.port)
-    Script(provider).on_mail("s-m3@example.com", "421 4.7.0 Too many messages, closing",
-                             close=True)
-    queue_mail(relay, *batch("m1", "m2", "m3", "m4", "m5"))
-    assert relay.flusher.flush() is True
-    assert subjects(provider) == ["m1", "m2", "m3", "m4", "m5"]
-    assert provider.handler.connections == 2
-    assert len(relay.queue) == 0
-    metrics = relay_scrape(relay)
-    assert (metrics["dispatch_messages_sent_total"], metrics["dispatch_messages_deferred_total"],
-            metrics["dispatch_flush_failures_total"]) == (5, 0, 0)
+M1_TO_M5 = batch("m1", "m2", "m3", "m4", "m5")
+ALL_BUT_M3 = ["m1", "m2", "m4", "m5"]
 
 
-def test_a_421_after_the_data_defers_that_message_and_the_rest_go_on_a_new_connection(
-        metrics_relay, provider):
-    relay = metrics_relay(provider.port)
-    Script(provider).on_data("m3", "421 4.7.0 Closing connection", close=True)
-    queue_mail(relay, *batch("m1", "m2", "m3", "m4", "m5"))
-    assert relay.flusher.flush() is True
-    assert subjects(provider) == ["m1", "m2", "m4", "m5"]
-    assert [subject(m.data) for m in relay.queue.messages] == ["m3"]
-    assert provider.handler.connections == 2
-    assert relay.flusher.flush(everything=True) is True
-    assert subjects(provider) == ["m1", "m2", "m4", "m5", "m3"]
-
-
-def test_a_connection_dropped_mid_batch_reconnects_and_sends_each_message_once(
-        metrics_relay, provider):
-    relay = metrics_relay(provider.port)
+@pytest.mark.parametrize("misbehave, messages, sent, left, counted, retry", [
+    pytest.param(lambda script: script.on_mail("s-m3@example.com",
+                                               "421 4.7.0 Too many messages, closing",
+                                               close=True),
+                 M1_TO_M5, ["m1", "m2", "m3", "m4", "m5"], [],
+                 {"dispatch_messages_sent_total": 5, "dispatch_messages_deferred_total": 0,
+                  "dispatch_flush_failures_total": 0}, False,
+                 id="a_421_mid_batch_reconnects_in_the_same_flush_and_sends_each_message_once"),
+    pytest.param(lambda script: script.on_data("m3", "421 4.7.0 Closing connection",
+                                               close=True),
+                 M1_TO_M5, ALL_BUT_M3, ["m3"], {}, True,
+                 id="a_421_after_the_data_defers_that_message_and_the_rest_go_on_a_new_connection"),
     # The provider takes m2, says 250, and hangs up before m3's commands.
-    Script(provider).on_data("m2", None, close=True)
-    queue_mail(relay, *batch("m1", "m2", "m3", "m4", "m5"))
-    assert relay.flusher.flush() is True
-    assert subjects(provider) == ["m1", "m2", "m3", "m4", "m5"]
-    assert provider.handler.connections == 2
-    assert len(relay.queue) == 0
-
-
-def test_a_connection_dropped_before_the_end_of_data_reply_defers_only_that_message(
-        metrics_relay, provider):
+    pytest.param(lambda script: script.on_data("m2", None, close=True),
+                 M1_TO_M5, ["m1", "m2", "m3", "m4", "m5"], [], {}, False,
+                 id="a_connection_dropped_mid_batch_reconnects_and_sends_each_message_once"),
+    # The provider hangs up instead of answering m3's end of data.
+    pytest.param(lambda script: script.on_data("m3", SILENT),
+                 M1_TO_M5, ALL_BUT_M3, ["m3"],
+                 {"dispatch_messages_sent_total": 4, "dispatch_messages_deferred_total": 1},
+                 False,
+                 id="a_connection_dropped_before_the_end_of_data_reply_defers_only_that_message"),
+    # The provider hangs up at m3's RCPT, after its MAIL got 250.
+    pytest.param(lambda script: script.on_rcpt("cut@example.com", SILENT),
+                 [*batch("m1", "m2"), ("m3", ["cut@example.com"]), *batch("m4", "m5")],
+                 ALL_BUT_M3, ["m3"], {}, True,
+                 id="a_connection_dropped_inside_a_transaction_defers_that_message_"
+                    "and_the_rest_go_on"),
+])
+def test_a_421_or_a_hang_up_mid_batch_gets_one_reconnect_in_the_same_flush(
+        metrics_relay, provider, misbehave, messages, sent, left, counted, retry):
     relay = metrics_relay(provider.port)
-    Script(provider).on_data("m3", SILENT)              # hangs up instead of answering
-    queue_mail(relay, *batch("m1", "m2", "m3", "m4", "m5"))
+    misbehave(Script(provider))
+    queue_mail(relay, *messages)
     assert relay.flusher.flush() is True
-    assert subjects(provider) == ["m1", "m2", "m4", "m5"]
-    assert [subject(m.data) for m in relay.queue.messages] == ["m3"]
+    assert subjects(provider) == sent
+    assert [subject(m.data) for m in relay.queue.messages] == left
     assert provider.handler.connections == 2
-    metrics = relay_scrape(relay)
-    assert (metrics["dispatch_messages_sent_total"],
-            metrics["dispatch_messages_deferred_total"]) == (4, 1)
-
-
-def test_a_connection_dropped_inside_a_transaction_defers_that_message_and_the_rest_go_on(
-        metrics_relay, provider):
-    relay = metrics_relay(provider.port)
-    Script(provider).on_rcpt("cut@example.com", SILENT)     # after m3's MAIL got 250
-    queue_mail(relay, *batch("m1", "m2"), ("m3", ["cut@example.com"]), *batch("m4", "m5"))
-    assert relay.flusher.flush() is True
-    assert subjects(provider) == ["m1", "m2", "m4", "m5"]
-    assert [subject(m.data) for m in relay.queue.messages] == ["m3"]
-    assert provider.handler.connections == 2
-    assert relay.flusher.flush(everything=True) is True
-    assert subjects(provider) == ["m1", "m2", "m4", "m5", "m3"]
+    if counted:
+        metrics = relay_scrape(relay)
+        assert {name: metrics[name] for name in counted} == counted
+    if retry:
+        assert relay.flusher.flush(everything=True) is True
+        assert subjects(provider) == sent + left
 
 
 def test_an_upstream_that_keeps_hanging_up_gets_a_bounded_number_of_reconnects(

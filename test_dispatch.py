@@ -106,6 +106,16 @@ def closed_port():
         yield s.getsockname()[1]
 
 
+def accepting(port, greeting=False) -> bool:
+    """True if a connection to `port` is accepted; with `greeting`, only if it is
+    then greeted with 220 (a relay with a free session slot)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return not greeting or s.recv(64).startswith(b"220")
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def refused_port():
     with closed_port() as port:
@@ -188,6 +198,7 @@ class Upstream:
                                                            **self.controller.SMTP_kwargs)
         self.password = UPSTREAM_PASS
         self.controller.start()
+        self.running = True
 
     def authenticate(self, server, session, envelope, mechanism, auth_data):
         self.logins.append(mechanism)
@@ -206,14 +217,30 @@ class Upstream:
         return self.received[:count]
 
     def stop(self):
-        self.controller.stop()
+        """Stop serving (a test may stop its upstream early; a second stop does nothing)."""
+        if self.running:
+            self.running = False
+            self.controller.stop()
 
 
 @pytest.fixture
-def upstream():
-    server = Upstream()
-    yield server
-    server.stop()
+def make_upstream():
+    """Start upstreams (`cls`, Upstream by default); each is stopped at the end."""
+    servers = []
+
+    def make(cls=Upstream, **kwargs):
+        server = cls(**kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def upstream(make_upstream):
+    return make_upstream()
 
 
 def relay_env(upstream_port, **overrides):
@@ -354,11 +381,7 @@ class RelayProcess:
     def ready(self):
         if self.proc.poll() is not None:
             pytest.fail(f"dispatch.py exited {self.proc.returncode}: {self.log()}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                return s.recv(64).startswith(b"220")
-        except OSError:
-            return False
+        return accepting(self.port, greeting=True)
 
     def log(self):
         return self.log_path.read_text(errors="replace")
@@ -480,14 +503,6 @@ def drop_connection(server) -> str:
 
 def log_text(caplog) -> str:
     return "\n".join(record.getMessage() for record in caplog.records)
-
-
-def accepting(port) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 def gaps(times):
@@ -858,11 +873,9 @@ def metrics_relay(make_relay):
 
 
 @pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
-def provider(request):
+def provider(request, make_upstream):
     """The upstream, with and without PIPELINING: every outcome must be the same."""
-    server = Upstream(pipelining=request.param)
-    yield server
-    server.stop()
+    return make_upstream(pipelining=request.param)
 
 
 def assert_monotonic(before, after):
@@ -1569,17 +1582,14 @@ def test_an_empty_message_is_accepted(relay, upstream):
     upstream.wait_received(1)
 
 
-def test_long_text_lines_are_data_not_errors(make_relay):
-    upstream = Upstream(long_lines=True)
+def test_long_text_lines_are_data_not_errors(make_relay, make_upstream):
+    upstream = make_upstream(long_lines=True)
     relay = make_relay(upstream_port=upstream.port)
     body = b"Subject: long\r\n\r\n" + b"z" * 200_000 + b"\r\n"
     raw = Raw(relay.port)
     raw.start_data()
     raw.expect(250, body + b".\r\n")
-    try:
-        assert upstream.wait_received(1)[0].data == body
-    finally:
-        upstream.stop()
+    assert upstream.wait_received(1)[0].data == body
 
 
 def test_an_idle_client_gets_421_after_the_timeout(make_relay):
@@ -1655,12 +1665,7 @@ def test_a_session_past_relay_max_connections_gets_421_and_is_closed(make_relay)
     assert third.closed()
     first.expect(221, b"QUIT\r\n")
     first.close()
-
-    def greeted():
-        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
-            return s.recv(3) == b"220"
-
-    wait_for(greeted, what="a free session slot")
+    wait_for(lambda: accepting(relay.port, greeting=True), what="a free session slot")
     second.expect(250, b"NOOP\r\n")
 
 
@@ -2244,28 +2249,22 @@ def test_8bitmime_and_smtputf8_are_passed_on(relay, upstream):
     assert "BODY=8BITMIME" in got.options and got.data == "Subject: é\r\n\r\nçà\r\n".encode()
 
 
-def test_no_auth_is_sent_when_upstream_user_is_unset(make_relay):
-    open_upstream = Upstream(auth=False)
-    try:
-        relay = make_relay(upstream_port=open_upstream.port, UPSTREAM_USER="", UPSTREAM_PASS="")
-        with client(relay) as smtp:
-            send_message(smtp, MESSAGE)
-        open_upstream.wait_received(1)
-        assert open_upstream.logins == []
-    finally:
-        open_upstream.stop()
+def test_no_auth_is_sent_when_upstream_user_is_unset(make_relay, make_upstream):
+    open_upstream = make_upstream(auth=False)
+    relay = make_relay(upstream_port=open_upstream.port, UPSTREAM_USER="", UPSTREAM_PASS="")
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+    open_upstream.wait_received(1)
+    assert open_upstream.logins == []
 
 
-def test_auth_login_is_used_when_the_upstream_offers_only_that(make_relay):
-    login_only = Upstream(auth_exclude_mechanism=["PLAIN"])
-    try:
-        relay = make_relay(upstream_port=login_only.port)
-        with client(relay) as smtp:
-            send_message(smtp, MESSAGE)
-        login_only.wait_received(1)
-        assert login_only.logins == ["LOGIN"]
-    finally:
-        login_only.stop()
+def test_auth_login_is_used_when_the_upstream_offers_only_that(make_relay, make_upstream):
+    login_only = make_upstream(auth_exclude_mechanism=["PLAIN"])
+    relay = make_relay(upstream_port=login_only.port)
+    with client(relay) as smtp:
+        send_message(smtp, MESSAGE)
+    login_only.wait_received(1)
+    assert login_only.logins == ["LOGIN"]
 
 
 def test_an_unreachable_upstream_leaves_the_message_queued(refused_port, make_relay, caplog):
@@ -2320,26 +2319,24 @@ def test_credentials_are_never_sent_in_cleartext_without_opt_in(make_relay, upst
     assert len(relay.queue) == 1
 
 
-def test_an_upstream_refusing_auth_with_535_loses_nothing_and_the_retry_backs_off(run_relay):
-    provider = AuthRefusingUpstream(refusals=2)     # a password rotation, then fixed
-    try:
-        process = run_relay(relay_env(provider.port, DISPATCH_INTERVAL=0,
-                                      DISPATCH_RETRY_MAX=1.5))
-        with client(process) as smtp:
-            queue_ids = [submit(smtp, f"rotated-{n}") for n in range(3)]
-        provider.wait_received(3)
-        assert tokens(provider) == ["rotated-0", "rotated-1", "rotated-2"]
-        assert len(provider.auth_times) == 3        # two 535s, then the one that worked
-        first, second = gaps(provider.auth_times)
-        assert 0.9 <= first < 2.0                   # max(DISPATCH_INTERVAL, 1)
-        assert 1.4 <= second < 3.0                  # doubled, at most DISPATCH_RETRY_MAX
-        wait_for(lambda: process.log().count("status=sent") == 3, what="3 sent log lines")
-        log = process.log()
-        for queue_id in queue_ids:
-            assert re.search(re.escape(queue_id) + r": to=<bob@example.com>, .*status=deferred "
-                             r"\(.*535", log), log
-    finally:
-        provider.stop()
+def test_an_upstream_refusing_auth_with_535_loses_nothing_and_the_retry_backs_off(
+        run_relay, make_upstream):
+    provider = make_upstream(AuthRefusingUpstream, refusals=2)  # a password rotation, then fixed
+    process = run_relay(relay_env(provider.port, DISPATCH_INTERVAL=0,
+                                  DISPATCH_RETRY_MAX=1.5))
+    with client(process) as smtp:
+        queue_ids = [submit(smtp, f"rotated-{n}") for n in range(3)]
+    provider.wait_received(3)
+    assert tokens(provider) == ["rotated-0", "rotated-1", "rotated-2"]
+    assert len(provider.auth_times) == 3        # two 535s, then the one that worked
+    first, second = gaps(provider.auth_times)
+    assert 0.9 <= first < 2.0                   # max(DISPATCH_INTERVAL, 1)
+    assert 1.4 <= second < 3.0                  # doubled, at most DISPATCH_RETRY_MAX
+    wait_for(lambda: process.log().count("status=sent") == 3, what="3 sent log lines")
+    log = process.log()
+    for queue_id in queue_ids:
+        assert re.search(re.escape(queue_id) + r": to=<bob@example.com>, .*status=deferred "
+                         r"\(.*535", log), log
 
 
 def test_a_4xx_defers_only_that_message_and_it_waits_the_per_message_retry_delay(
@@ -2530,23 +2527,21 @@ def test_a_5xx_on_mail_fails_that_message_only(metrics_relay, provider):
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
-def test_an_smtputf8_message_the_upstream_cannot_take_fails_alone(metrics_relay, pipelining):
+def test_an_smtputf8_message_the_upstream_cannot_take_fails_alone(metrics_relay, make_upstream,
+                                                                  pipelining):
     # Skipped without a word to the upstream while the message before it is in flight.
-    provider = Upstream(pipelining=pipelining, enable_SMTPUTF8=False)
-    try:
-        relay = metrics_relay(provider.port)
-        with client(relay) as smtp:
-            for name in ("m1", "m2", "m3"):
-                sender = "jös@example.com" if name == "m2" else "s@example.com"
-                smtp.sendmail(sender, ["rcpt@example.com"], b"Subject: %s\r\n\r\nx\r\n"
-                              % name.encode(), mail_options=["SMTPUTF8"] if name == "m2" else [])
-        assert relay.flusher.flush() is True
-        assert subjects(provider) == ["m1", "m3"] and len(relay.queue) == 0
-        metrics = relay_scrape(relay)
-        assert (metrics["dispatch_messages_sent_total"],
-                metrics["dispatch_messages_failed_total"]) == (2, 1)
-    finally:
-        provider.stop()
+    provider = make_upstream(pipelining=pipelining, enable_SMTPUTF8=False)
+    relay = metrics_relay(provider.port)
+    with client(relay) as smtp:
+        for name in ("m1", "m2", "m3"):
+            sender = "jös@example.com" if name == "m2" else "s@example.com"
+            smtp.sendmail(sender, ["rcpt@example.com"], b"Subject: %s\r\n\r\nx\r\n"
+                          % name.encode(), mail_options=["SMTPUTF8"] if name == "m2" else [])
+    assert relay.flusher.flush() is True
+    assert subjects(provider) == ["m1", "m3"] and len(relay.queue) == 0
+    metrics = relay_scrape(relay)
+    assert (metrics["dispatch_messages_sent_total"],
+            metrics["dispatch_messages_failed_total"]) == (2, 1)
 
 
 def test_mixed_refusals_in_one_batch_each_land_on_the_right_message(metrics_relay, provider):
@@ -2689,20 +2684,6 @@ def test_with_pipelining_each_message_costs_one_write_and_without_it_four(proxie
 # ===========================================================================
 # 4. Delivery to the upstream: strict TLS
 # ===========================================================================
-
-
-@pytest.fixture
-def make_upstream():
-    servers = []
-
-    def make(**kwargs):
-        server = Upstream(**kwargs)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def test_delivery_through_an_upstream_that_requires_starttls(make_relay, make_upstream, certs):
@@ -3006,8 +2987,8 @@ def test_an_unknown_path_is_404(metrics_relay):
 
 
 def test_healthz_is_503_after_three_failed_flushes_and_200_after_the_next_good_one(
-        metrics_relay):
-    provider = Upstream()
+        metrics_relay, make_upstream):
+    provider = make_upstream()
     relay = metrics_relay(provider.port)
     port = provider.port
     assert healthz(relay) == (200, "ok\n")
@@ -3027,31 +3008,26 @@ def test_healthz_is_503_after_three_failed_flushes_and_200_after_the_next_good_o
     assert metrics["dispatch_messages_deferred_total"] == 3        # the one message, 3 times
     assert metrics["dispatch_queue_messages"] == 1
 
-    restarted = Upstream(port=port)
-    try:
-        assert relay.flusher.flush() is True
-        assert healthz(relay) == (200, "ok\n")
-        assert subjects(restarted) == ["one"]
-        metrics = relay_scrape(relay)
-        assert metrics["dispatch_flush_failures_total"] == 3       # a counter never resets
-        assert metrics["dispatch_messages_sent_total"] == 1
-    finally:
-        restarted.stop()
+    restarted = make_upstream(port=port)
+    assert relay.flusher.flush() is True
+    assert healthz(relay) == (200, "ok\n")
+    assert subjects(restarted) == ["one"]
+    metrics = relay_scrape(relay)
+    assert metrics["dispatch_flush_failures_total"] == 3       # a counter never resets
+    assert metrics["dispatch_messages_sent_total"] == 1
 
 
-def test_healthz_counts_only_flushes_failed_in_a_row(metrics_relay):
-    provider = Upstream()
+def test_healthz_counts_only_flushes_failed_in_a_row(metrics_relay, make_upstream):
+    provider = make_upstream()
     relay = metrics_relay(provider.port)
     queue_mail(relay, *batch("one"))
     port = provider.port
     provider.stop()
     assert relay.flusher.flush() is False
     assert relay.flusher.flush() is False
-    restarted = Upstream(port=port)
-    try:
-        assert relay.flusher.flush() is True
-    finally:
-        restarted.stop()
+    restarted = make_upstream(port=port)
+    assert relay.flusher.flush() is True
+    restarted.stop()
     queue_mail(relay, *batch("two"))
     assert relay.flusher.flush() is False
     assert relay.flusher.flush() is False
@@ -3178,8 +3154,9 @@ def test_sigterm_with_the_upstream_down_exits_0_in_time_and_logs_how_many_are_lo
     assert [m for m in messages if "lost" in m and re.search(r"\b2\b", m)], messages
 
 
-def test_sigterm_with_a_spool_keeps_undelivered_mail_for_the_next_start(run_relay, spool):
-    provider = Upstream()
+def test_sigterm_with_a_spool_keeps_undelivered_mail_for_the_next_start(run_relay, spool,
+                                                                        make_upstream):
+    provider = make_upstream()
     port = provider.port
     provider.stop()                                 # the upstream is down
     env = relay_env(port, DISPATCH_SPOOL=spool, DISPATCH_INTERVAL=3600,
@@ -3191,14 +3168,11 @@ def test_sigterm_with_a_spool_keeps_undelivered_mail_for_the_next_start(run_rela
     first.signal(signal.SIGTERM)
     assert first.wait(10) == 0
     assert len(spooled(spool)) == 2 and "lost" not in first.log()
-    provider = Upstream(port=port)                  # the upstream is back, on its port
-    try:
-        run_relay(dict(env, DISPATCH_INTERVAL="0"))
-        provider.wait_received(2)
-        wait_for(lambda: spooled(spool) == [], what="the spool to empty")
-        assert tokens(provider) == ["kept-1", "kept-2"]
-    finally:
-        provider.stop()
+    provider = make_upstream(port=port)             # the upstream is back, on its port
+    run_relay(dict(env, DISPATCH_INTERVAL="0"))
+    provider.wait_received(2)
+    wait_for(lambda: spooled(spool) == [], what="the spool to empty")
+    assert tokens(provider) == ["kept-1", "kept-2"]
 
 
 def test_sigterm_exits_0_within_the_drain_timeout_even_with_a_client_stuck_in_data(

@@ -361,6 +361,15 @@ MESSAGE = (b"From: alice@example.com\r\nTo: bob@example.com\r\nSubject: hello\r\
            b"Hello Bob.\r\n.a line that starts with a dot\r\n..two dots\r\nBye.\r\n")
 
 
+def child_environment(env) -> dict:
+    """The environment for a dispatch.py process: this one's without any RELAY_,
+    UPSTREAM_ or DISPATCH_ variable, then `env`."""
+    child_env = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("RELAY_", "UPSTREAM_", "DISPATCH_"))}
+    child_env.update(env or {})
+    return child_env
+
+
 class RelayProcess:
     """A real `python dispatch.py` process, its log in a file."""
 
@@ -369,10 +378,8 @@ class RelayProcess:
         self.port = port or int(env["RELAY_PORT"])
         self.log_path = tmp_path / f"dispatch-{self.port}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log_path, "wb")
-        child_env = {k: v for k, v in os.environ.items()
-                     if not k.startswith(("RELAY_", "UPSTREAM_", "DISPATCH_"))}
-        child_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, str(DISPATCH), *args], env=child_env,
+        self.proc = subprocess.Popen([sys.executable, str(DISPATCH), *args],
+                                     env=child_environment(env),
                                      stdout=subprocess.DEVNULL, stderr=self.log_file,
                                      stdin=subprocess.DEVNULL)
         if wait:
@@ -415,11 +422,8 @@ def run_relay(tmp_path):
 
 def run_cli(*args, env=None, input=None, timeout=30):
     """Run dispatch.py to completion: (exit status, stdout, stderr)."""
-    child_env = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("RELAY_", "UPSTREAM_", "DISPATCH_"))}
-    child_env.update(env or {})
-    done = subprocess.run([sys.executable, str(DISPATCH), *args], env=child_env, input=input,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, str(DISPATCH), *args], env=child_environment(env),
+                          input=input, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout, done.stderr
 
 
@@ -2297,7 +2301,7 @@ def test_log_lines_carry_the_queue_id_and_never_a_password(relay, upstream, capl
         send_message(smtp, MESSAGE)
     upstream.wait_received(1)
     wait_for(lambda: any("status=sent" in r.getMessage() for r in caplog.records))
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    text = log_text(caplog)
     accepted = [r.getMessage() for r in caplog.records if "accepted from=" in r.getMessage()]
     queue_id = accepted[0].split(":")[0]
     assert accepted[0].startswith(f"{queue_id}: accepted from=<alice@example.com>, nrcpt=1, "

@@ -1315,6 +1315,17 @@ def test_bad_base64_is_501_5_5_2(relay):
     raw.expect(250, b"NOOP\r\n")
 
 
+@pytest.mark.parametrize("response", [b"no-nul-at-all", b"\0only-one-nul", b"a\0b\0c\0d"])
+def test_a_plain_response_without_exactly_two_nuls_is_501_after_a_334_too(relay, response):
+    raw = Raw(relay.port)
+    raw.expect(250, b"EHLO client.test\r\n")
+    raw.expect(334, b"AUTH PLAIN\r\n")
+    assert raw.expect(501, base64.b64encode(response) + b"\r\n").startswith("501 5.5.2")
+    raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
+    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+               + b"\r\n")
+
+
 def test_auth_twice_is_503(relay):
     raw = Raw(relay.port)
     raw.login()

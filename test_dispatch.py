@@ -293,6 +293,11 @@ def client(relay, login=True) -> smtplib.SMTP:
     return smtp
 
 
+def auth_plain(user=USER, password=PASSWORD, identity="") -> bytes:
+    """An AUTH PLAIN command line with its initial response (RFC 4616)."""
+    return b"AUTH PLAIN " + base64.b64encode(f"{identity}\0{user}\0{password}".encode()) + b"\r\n"
+
+
 class Raw:
     """A raw SMTP client: send exact bytes, read exact replies."""
 
@@ -325,8 +330,7 @@ class Raw:
 
     def login(self):
         self.expect(250, b"EHLO client.test\r\n")
-        token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-        self.expect(235, b"AUTH PLAIN " + token + b"\r\n")
+        self.expect(235, auth_plain())
 
     def start_data(self, sender="a@example.com", to=("b@example.com",)):
         """Log in, then MAIL, RCPT for each of `to` and DATA, each accepted: ready for data."""
@@ -1025,10 +1029,6 @@ def ehlo_keywords(text):
     return [line[4:] for line in text.splitlines()[1:]]
 
 
-def auth_plain_command():
-    return b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()) + b"\r\n"
-
-
 def connect_starttls(port, certs, server_hostname="localhost"):
     """A raw client: EHLO, STARTTLS, the verified handshake; the TLS socket."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -1258,15 +1258,13 @@ def test_auth_plain_without_initial_response(relay):
 def test_auth_plain_with_the_username_as_authorization_identity(relay):
     raw = Raw(relay.port)
     raw.expect(250, b"EHLO client.test\r\n")
-    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"{USER}\0{USER}\0{PASSWORD}".encode())
-               + b"\r\n")
+    raw.expect(235, auth_plain(identity=USER))
 
 
 def test_auth_plain_with_another_authorization_identity_is_refused(relay):
     raw = Raw(relay.port)
     raw.expect(250, b"EHLO client.test\r\n")
-    raw.expect(535, b"AUTH PLAIN " + base64.b64encode(f"admin\0{USER}\0{PASSWORD}".encode())
-               + b"\r\n")
+    raw.expect(535, auth_plain(identity="admin"))
 
 
 def test_auth_login(relay):
@@ -1285,8 +1283,7 @@ def test_smtplib_login_works(relay):
 def test_wrong_password_is_535_and_mail_is_still_refused(relay):
     raw = Raw(relay.port)
     raw.expect(250, b"EHLO client.test\r\n")
-    text = raw.expect(535, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode())
-                      + b"\r\n")
+    text = raw.expect(535, auth_plain(password="wrong"))
     assert text.startswith("535 5.7.8")
     raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
 
@@ -1294,8 +1291,7 @@ def test_wrong_password_is_535_and_mail_is_still_refused(relay):
 def test_wrong_username_is_535(relay):
     raw = Raw(relay.port)
     raw.expect(250, b"EHLO client.test\r\n")
-    raw.expect(535, b"AUTH PLAIN " + base64.b64encode(f"\0other\0{PASSWORD}".encode())
-               + b"\r\n")
+    raw.expect(535, auth_plain(user="other"))
 
 
 def test_auth_cancelled_with_star_is_501_and_mail_still_needs_auth(relay):
@@ -1304,8 +1300,7 @@ def test_auth_cancelled_with_star_is_501_and_mail_still_needs_auth(relay):
     raw.expect(334, b"AUTH LOGIN\r\n")
     raw.expect(501, b"*\r\n")
     raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-               + b"\r\n")
+    raw.expect(235, auth_plain())
 
 
 def test_bad_base64_is_501_5_5_2(relay):
@@ -1322,8 +1317,7 @@ def test_a_plain_response_without_exactly_two_nuls_is_501_after_a_334_too(relay,
     raw.expect(334, b"AUTH PLAIN\r\n")
     assert raw.expect(501, base64.b64encode(response) + b"\r\n").startswith("501 5.5.2")
     raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-               + b"\r\n")
+    raw.expect(235, auth_plain())
 
 
 def test_auth_twice_is_503(relay):
@@ -1341,7 +1335,7 @@ def test_unknown_auth_mechanism_is_504(relay):
 def test_three_failed_auths_close_the_session_with_421(relay):
     raw = Raw(relay.port)
     raw.expect(250, b"EHLO client.test\r\n")
-    bad = b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()) + b"\r\n"
+    bad = auth_plain(password="wrong")
     raw.expect(535, bad)
     raw.expect(501, b"AUTH PLAIN ***\r\n")
     raw.expect(334, b"AUTH LOGIN\r\n")
@@ -1362,7 +1356,7 @@ def test_the_password_is_checked_with_bcrypt_once_then_remembered(relay, monkeyp
     assert len(calls) == 1
     raw = Raw(relay.port)
     raw.expect(250, b"EHLO client.test\r\n")
-    raw.expect(535, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()) + b"\r\n")
+    raw.expect(535, auth_plain(password="wrong"))
     assert len(calls) == 2              # a wrong password always pays bcrypt
 
 
@@ -1512,8 +1506,7 @@ def test_a_sasl_response_over_12288_bytes_is_500_and_the_session_goes_on(relay):
     raw.expect(250, b"EHLO client.test\r\n")
     raw.expect(334, b"AUTH PLAIN\r\n")
     assert raw.expect(500, b"A" * 13000 + b"\r\n").startswith("500 5.5.2")
-    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-               + b"\r\n")
+    raw.expect(235, auth_plain())
 
 
 def test_an_auth_line_may_be_longer_than_512_bytes(relay):
@@ -1728,13 +1721,13 @@ def test_auth_before_starttls_is_538_and_asks_for_no_password(make_relay, certs)
     expect(sock, 220)
     expect(sock, 250, b"EHLO client.test\r\n")
     # Three refusals: a 538 is not a failed password, so no lockout follows.
-    for command in (auth_plain_command(), b"AUTH LOGIN\r\n", b"AUTH PLAIN\r\n"):
+    for command in (auth_plain(), b"AUTH LOGIN\r\n", b"AUTH PLAIN\r\n"):
         assert expect(sock, 538, command).startswith("538 5.7.11 ")
     assert expect(sock, 530, b"MAIL FROM:<alice@example.com>\r\n").startswith("530 5.7.0")
     expect(sock, 220, b"STARTTLS\r\n")
     tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
     expect(tls, 250, b"EHLO client.test\r\n")
-    expect(tls, 235, auth_plain_command())
+    expect(tls, 235, auth_plain())
     tls.close()
     assert len(relay.queue) == 0
 
@@ -1742,7 +1735,7 @@ def test_auth_before_starttls_is_538_and_asks_for_no_password(make_relay, certs)
 @pytest.mark.parametrize("injected", [
     b"RSET\r\n",
     b"MAIL FROM:<x@y>\r\n",
-    b"EHLO evil.test\r\n" + auth_plain_command(),
+    b"EHLO evil.test\r\n" + auth_plain(),
 ], ids=["rset", "mail", "ehlo-auth"])
 def test_commands_pipelined_after_starttls_in_cleartext_are_never_run_inside_tls(
         make_relay, certs, injected):
@@ -1767,13 +1760,13 @@ def test_the_session_forgets_ehlo_and_auth_after_starttls(make_relay, certs):
     expect(sock, 220)
     before = ehlo_keywords(expect(sock, 250, b"EHLO client.test\r\n"))
     assert "AUTH PLAIN LOGIN" in before and "STARTTLS" in before   # TLS not required
-    expect(sock, 235, auth_plain_command())
+    expect(sock, 235, auth_plain())
     expect(sock, 220, b"STARTTLS\r\n")
     tls = client_context(certs).wrap_socket(sock, server_hostname="localhost")
     expect(tls, 530, b"MAIL FROM:<alice@example.com>\r\n")   # not logged in any more
-    expect(tls, 503, auth_plain_command())                    # EHLO forgotten too
+    expect(tls, 503, auth_plain())                 # EHLO forgotten too
     expect(tls, 250, b"EHLO client.test\r\n")
-    expect(tls, 235, auth_plain_command())
+    expect(tls, 235, auth_plain())
     expect(tls, 250, b"MAIL FROM:<alice@example.com>\r\n")
     tls.close()
 
@@ -1783,7 +1776,7 @@ def test_starttls_twice_or_inside_a_transaction_is_503(make_relay, certs):
     sock = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
     expect(sock, 220)
     expect(sock, 250, b"EHLO client.test\r\n")
-    expect(sock, 235, auth_plain_command())
+    expect(sock, 235, auth_plain())
     expect(sock, 250, b"MAIL FROM:<alice@example.com>\r\n")
     assert expect(sock, 503, b"STARTTLS\r\n").startswith("503 5.5.1 ")
     expect(sock, 501, b"STARTTLS now\r\n")
@@ -2904,9 +2897,8 @@ def test_refusals_are_counted_by_reason_auth_size_and_queue_full(metrics_relay):
     raw = Raw(relay.port)
     raw.expect(250, b"EHLO client.test\r\n")
     raw.expect(530, b"MAIL FROM:<a@example.com>\r\n")
-    raw.expect(535, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()) + b"\r\n")
-    raw.expect(235, b"AUTH PLAIN " + base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
-               + b"\r\n")
+    raw.expect(535, auth_plain(password="wrong"))
+    raw.expect(235, auth_plain())
     metrics = relay_scrape(relay)
     assert metrics["dispatch_auth_failures_total"] == 1
     assert refused(metrics, "auth") == 1 and refused(metrics, "auth_required") == 1

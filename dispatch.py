@@ -1340,6 +1340,7 @@ class Flusher(threading.Thread):
         self.metrics = relay.metrics
         self.tls_context = relay.config.upstream_tls_context()
         self.base_delay = max(self.config.interval, 1.0)
+        self.upstream_name = f"{self.config.upstream_host}:{self.config.upstream_port}"
         self.failed_flushes = 0
         self.stopping = False
         self.deadline: Optional[float] = None  # monotonic end of the final flush
@@ -1467,15 +1468,13 @@ class Flusher(threading.Thread):
     def defer_all(self, batch: list[Message], reason: str) -> None:
         """The batch failed as a whole: no message gets a mark against it."""
         for message in batch:
-            log.warning("%s: to=%s, relay=%s:%d, status=deferred (%s)", message.id,
-                        recipients_text(message.recipients), self.config.upstream_host,
-                        self.config.upstream_port, reason)
+            log.warning("%s: to=%s, relay=%s, status=deferred (%s)", message.id,
+                        recipients_text(message.recipients), self.upstream_name, reason)
         self.metrics.batch_deferred(len(batch), reason)
 
     def settle(self, outcome: Outcome) -> None:
         """Log each recipient's answer; requeue the 4xx ones, finish the rest."""
         message = outcome.message
-        relay = f"{self.config.upstream_host}:{self.config.upstream_port}"
         by_status: dict[tuple[str, str], list[str]] = {}
         for recipient in message.recipients:
             code, text = outcome.answers.get(recipient, (451, "no answer"))
@@ -1484,7 +1483,7 @@ class Flusher(threading.Thread):
         for (status, text), recipients in by_status.items():
             log.log(logging.INFO if status == "sent" else logging.WARNING,
                     "%s: to=%s, relay=%s, status=%s (%s)", message.id,
-                    recipients_text(recipients), relay, status, text)
+                    recipients_text(recipients), self.upstream_name, status, text)
         sent = any(status == "sent" for status, _ in by_status)
         deferred = [r for (status, _), rs in by_status.items() if status == "deferred" for r in rs]
         if sent:
@@ -1639,6 +1638,10 @@ class MetricsHandler(http.server.BaseHTTPRequestHandler):
 # ===========================================================================
 
 
+def address_family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 class Listener(socketserver.ThreadingTCPServer):
     """The SMTP listening socket: a thread per session, a cap on sessions."""
 
@@ -1647,7 +1650,7 @@ class Listener(socketserver.ThreadingTCPServer):
     request_queue_size = 128
 
     def __init__(self, relay: "Relay", address: tuple[str, int], implicit_tls: bool) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = address_family(address[0])
         self.relay = relay
         self.implicit_tls = implicit_tls
         super().__init__(address, Session)
@@ -1679,7 +1682,7 @@ class MetricsServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, relay: "Relay", address: tuple[str, int]) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = address_family(address[0])
         self.relay = relay
         super().__init__(address, MetricsHandler)
 
@@ -1735,8 +1738,7 @@ class Relay:
     def session_closed(self, session: Session) -> None:
         with self.sessions_lock:
             self.sessions.discard(session)
-            self.connections -= 1
-            self.sessions_lock.notify_all()
+        self.close_session_slot()
 
     def check_password(self, user: bytes, password: bytes) -> bool:
         """bcrypt once per process for the right password, then a keyed digest.
